@@ -1,0 +1,1 @@
+"""taskray: a durable, compute-aware task scheduler for Ray clusters."""

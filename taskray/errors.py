@@ -1,0 +1,72 @@
+"""Every error taskray raises on purpose, under one root.
+
+Each class's docstring is its default message. The API maps these to HTTP
+statuses in one place; the SDK and CLI show the message as it is. Messages
+never carry database URLs or credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class TaskrayError(Exception):
+    """A taskray operation failed."""
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or (self.__doc__ or type(self).__name__).strip()
+        self.details = details
+        super().__init__(self.message)
+
+
+class InvalidTaskError(TaskrayError, ValueError):
+    """The task description is invalid."""
+
+
+class InvalidPriorityError(InvalidTaskError):
+    """The priority is out of range."""
+
+
+class InvalidResourcesError(InvalidTaskError):
+    """The resource request is invalid."""
+
+
+class PayloadTooLargeError(InvalidTaskError):
+    """The payload is larger than the store accepts."""
+
+
+class CycleError(InvalidTaskError):
+    """The dependencies form a cycle."""
+
+    def __init__(self, cycle: Sequence[str]) -> None:
+        self.cycle = list(cycle)
+        super().__init__("dependency cycle: " + " -> ".join(self.cycle), cycle=self.cycle)
+
+
+class UnknownTaskError(TaskrayError, LookupError):
+    """No such task."""
+
+    def __init__(self, task_ids: Sequence[object]) -> None:
+        self.task_ids = [str(t) for t in task_ids]
+        super().__init__("unknown task: " + ", ".join(self.task_ids), task_ids=self.task_ids)
+
+
+class InvalidStateError(TaskrayError):
+    """The task is not in a state that allows this change."""
+
+
+class LeaseLostError(TaskrayError):
+    """The lease on this task is gone: it expired, was reaped, or the task was cancelled."""
+
+
+class NotLeaderError(TaskrayError):
+    """This scheduler does not hold the leader lease (its epoch is stale)."""
+
+
+class StoreUnavailableError(TaskrayError):
+    """The task store cannot be reached."""
+
+
+class MigrationError(TaskrayError):
+    """The database schema is not at the version this taskray expects."""

@@ -1,0 +1,133 @@
+"""Database engines for both backends, and the migrations that build their schema."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from platformdirs import user_data_dir
+from sqlalchemy.engine import URL, Engine, make_url
+
+from taskray.errors import InvalidTaskError, MigrationError
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+#: PostgreSQL advisory lock key that serialises concurrent migrations ("taskray" in ASCII).
+_MIGRATION_LOCK_KEY = 0x7461736B726179
+
+
+def default_database_url() -> str:
+    """``TASKRAY_DATABASE_URL``, else a SQLite file under the user's data directory."""
+    url = os.environ.get("TASKRAY_DATABASE_URL")
+    if url:
+        return url
+    data_dir = Path(user_data_dir("taskray", appauthor=False))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data_dir / 'taskray.db'}"
+
+
+def normalise_url(url: str | URL) -> URL:
+    """Accept ``postgresql://`` and ``postgres://`` and use the psycopg 3 driver for them."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+        raise InvalidTaskError(
+            f"unsupported database {parsed.get_backend_name()!r}: use postgresql:// or sqlite://"
+        )
+    return parsed
+
+
+def redacted(url: str | URL) -> str:
+    """The URL with its password hidden, for logs and messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+    parsed = normalise_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, **kwargs)
+    options: dict[str, Any] = {
+        "pool_size": 5,
+        "max_overflow": 10,
+        "pool_pre_ping": True,
+        # The store names every transaction's isolation itself; READ COMMITTED plus
+        # row locks is what the claim path (SKIP LOCKED) is designed for.
+        "isolation_level": "READ COMMITTED",
+    }
+    options.update(kwargs)
+    return sa.create_engine(parsed, **options)
+
+
+def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
+    database = url.database or ""
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": 30.0}, **kwargs
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so that "begin" below
+        # can open every transaction as IMMEDIATE: the write lock is taken up front, so
+        # two writers queue on busy_timeout instead of failing mid-transaction with
+        # "database is locked" when a read lock cannot be upgraded.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _alembic_config(connection: sa.Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the schema to ``revision``; safe to run from several processes at once."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        command.upgrade(_alembic_config(connection), revision)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise ``MigrationError`` unless the schema is at the head revision."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise MigrationError(
+            f"database schema is at revision {current or 'none'}, this taskray needs {head}: "
+            "run `taskray db upgrade`",
+            current=current,
+            head=head,
+        )
