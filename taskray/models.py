@@ -119,7 +119,9 @@ class Resources:
                 f"num_gpus above 1 must be a whole number, got {self.num_gpus}"
             )
         if not isinstance(self.memory, int) or isinstance(self.memory, bool) or self.memory < 0:
-            raise InvalidResourcesError(f"memory must be a whole number of bytes >= 0, got {self.memory!r}")
+            raise InvalidResourcesError(
+                f"memory must be a whole number of bytes >= 0, got {self.memory!r}"
+            )
         for name, amount in self.custom.items():
             if not isinstance(name, str) or not _NAME_RE.match(name):
                 raise InvalidResourcesError(f"invalid custom resource name {name!r}")
@@ -167,8 +169,13 @@ class RetryPolicy:
 
     def validate(self) -> RetryPolicy:
         if not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 1000:
-            raise InvalidTaskError(f"max_retries must be an integer in 0..1000, got {self.max_retries!r}")
-        for name, value in (("backoff_base_s", self.backoff_base_s), ("backoff_cap_s", self.backoff_cap_s)):
+            raise InvalidTaskError(
+                f"max_retries must be an integer in 0..1000, got {self.max_retries!r}"
+            )
+        for name, value in (
+            ("backoff_base_s", self.backoff_base_s),
+            ("backoff_cap_s", self.backoff_cap_s),
+        ):
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise InvalidTaskError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.backoff_cap_s < self.backoff_base_s:
@@ -236,7 +243,8 @@ class TaskSpec:
         """Check every field; returns the payload's encoded size in bytes."""
         if not isinstance(self.type, str) or not _NAME_RE.match(self.type):
             raise InvalidTaskError(
-                f"task type must be 1-200 characters of letters, digits and _.:-/, got {self.type!r}"
+                "task type must be 1-200 characters of letters, digits and _.:-/, "
+                f"got {self.type!r}"
             )
         for name, value in (("queue", self.queue), ("tenant", self.tenant)):
             if not isinstance(value, str) or not _NAME_RE.match(value):
@@ -247,10 +255,17 @@ class TaskSpec:
             or not MIN_PRIORITY <= self.priority <= MAX_PRIORITY
         ):
             raise InvalidPriorityError(
-                f"priority must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, got {self.priority!r}"
+                f"priority must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, "
+                f"got {self.priority!r}"
             )
-        if not isinstance(self.delay_s, int | float) or not math.isfinite(self.delay_s) or self.delay_s < 0:
-            raise InvalidTaskError(f"delay must be a finite number of seconds >= 0, got {self.delay_s!r}")
+        if (
+            not isinstance(self.delay_s, int | float)
+            or not math.isfinite(self.delay_s)
+            or self.delay_s < 0
+        ):
+            raise InvalidTaskError(
+                f"delay must be a finite number of seconds >= 0, got {self.delay_s!r}"
+            )
         if self.scheduled_at is not None and self.scheduled_at.tzinfo is None:
             raise InvalidTaskError("scheduled_at must carry a timezone")
         if self.timeout_s is not None and (
@@ -258,7 +273,9 @@ class TaskSpec:
             or not math.isfinite(self.timeout_s)
             or self.timeout_s <= 0
         ):
-            raise InvalidTaskError(f"timeout must be a positive number of seconds, got {self.timeout_s!r}")
+            raise InvalidTaskError(
+                f"timeout must be a positive number of seconds, got {self.timeout_s!r}"
+            )
         self.retry.validate()
         self.resources.validate()
         if self.idempotency_key is not None and (
@@ -266,13 +283,20 @@ class TaskSpec:
         ):
             raise InvalidTaskError("idempotency_key must be a string of 1-255 characters")
         for k, v in self.labels.items():
-            if not isinstance(k, str) or not _NAME_RE.match(k) or not isinstance(v, str) or len(v) > 200:
+            if (
+                not isinstance(k, str)
+                or not _NAME_RE.match(k)
+                or not isinstance(v, str)
+                or len(v) > 200
+            ):
                 raise InvalidTaskError(f"invalid label {k!r}={v!r}")
         try:
             size = len(json.dumps(self.payload, separators=(",", ":"), allow_nan=False))
             json.dumps(dict(self.metadata), allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise InvalidTaskError(f"payload and metadata must be JSON-serialisable: {exc}") from None
+            raise InvalidTaskError(
+                f"payload and metadata must be JSON-serialisable: {exc}"
+            ) from None
         if size > max_payload_bytes:
             raise PayloadTooLargeError(
                 f"payload is {size} bytes; the limit is {max_payload_bytes}",

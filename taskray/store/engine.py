@@ -52,14 +52,16 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
     parsed = normalise_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, **kwargs)
-    options: dict[str, Any] = {
-        "pool_size": 5,
-        "max_overflow": 10,
-        "pool_pre_ping": True,
-        # The store names every transaction's isolation itself; READ COMMITTED plus
-        # row locks is what the claim path (SKIP LOCKED) is designed for.
-        "isolation_level": "READ COMMITTED",
-    }
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if "poolclass" not in kwargs:
+        options.update(pool_size=5, max_overflow=10)
+    options.update(
+        {
+            # The store names every transaction's isolation itself; READ COMMITTED plus
+            # row locks is what the claim path (SKIP LOCKED) is designed for.
+            "isolation_level": "READ COMMITTED",
+        }
+    )
     options.update(kwargs)
     return sa.create_engine(parsed, **options)
 
@@ -117,7 +119,9 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the schema to ``revision``; safe to run from several processes at once."""
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
-            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+            )
         command.upgrade(_alembic_config(connection), revision)
 
 

@@ -76,7 +76,9 @@ class DatabaseClock:
         if connection.dialect.name == "postgresql":
             value: datetime = connection.execute(sa.text("SELECT now()")).scalar_one()
             return value.astimezone(UTC)
-        raw = connection.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        raw = connection.execute(
+            sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+        ).scalar_one()
         return datetime.fromisoformat(raw).replace(tzinfo=UTC)
 
 
@@ -289,7 +291,9 @@ class Store:
             return query.with_for_update(skip_locked=skip_locked)
         return query
 
-    def _one(self, connection: Connection, task_id: uuid.UUID, tenant: str | None, *, lock: bool) -> RowMapping:
+    def _one(
+        self, connection: Connection, task_id: uuid.UUID, tenant: str | None, *, lock: bool
+    ) -> RowMapping:
         query = sa.select(tasks).where(tasks.c.id == task_id)
         if tenant is not None:
             query = query.where(tasks.c.tenant == tenant)
@@ -499,7 +503,13 @@ class Store:
         document = json.dumps(
             [
                 {
-                    k: (v.isoformat() if isinstance(v, datetime) else str(v) if isinstance(v, uuid.UUID) else v)
+                    k: (
+                        v.isoformat()
+                        if isinstance(v, datetime)
+                        else str(v)
+                        if isinstance(v, uuid.UUID)
+                        else v
+                    )
                     for k, v in row.items()
                 }
                 for row in rows
@@ -514,7 +524,9 @@ class Store:
             {"rows": document},
         )
 
-    def _insert_edges(self, connection: Connection, edges: list[tuple[uuid.UUID, uuid.UUID]]) -> None:
+    def _insert_edges(
+        self, connection: Connection, edges: list[tuple[uuid.UUID, uuid.UUID]]
+    ) -> None:
         if not self.is_postgres:
             connection.execute(
                 sa.insert(task_edges), [{"upstream_id": u, "downstream_id": d} for u, d in edges]
@@ -534,7 +546,9 @@ class Store:
         with self.transaction() as (connection, _):
             return _task(self._one(connection, _as_uuid(task_id), tenant, lock=False))
 
-    def get_many(self, task_ids: Iterable[uuid.UUID | str], *, tenant: str | None = None) -> list[Task]:
+    def get_many(
+        self, task_ids: Iterable[uuid.UUID | str], *, tenant: str | None = None
+    ) -> list[Task]:
         """The tasks in the order asked; an unknown id raises ``UnknownTaskError``."""
         ids = [_as_uuid(t) for t in task_ids]
         if not ids:
@@ -570,14 +584,16 @@ class Store:
                 ).scalars()
             )
 
-    def count_by_status(self, *, tenant: str | None = None, queue: str | None = None) -> dict[TaskState, int]:
+    def count_by_status(
+        self, *, tenant: str | None = None, queue: str | None = None
+    ) -> dict[TaskState, int]:
         query = sa.select(tasks.c.status, sa.func.count()).group_by(tasks.c.status)
         if tenant is not None:
             query = query.where(tasks.c.tenant == tenant)
         if queue is not None:
             query = query.where(tasks.c.queue == queue)
         with self.transaction() as (connection, _):
-            return {TaskState(s): n for s, n in connection.execute(query).tuples()}
+            return {TaskState(s): n for s, n in connection.execute(query)}
 
     def list_tasks(
         self,
@@ -692,7 +708,9 @@ class Store:
             granted = [(task_id, node_id, uuid.uuid4()) for task_id in ids]
             return self._grant(connection, now, granted, epoch, ttl_s, ordered_ids=ids)
 
-    def _check_epoch(self, connection: Connection, now: datetime, epoch: int | None, name: str) -> None:
+    def _check_epoch(
+        self, connection: Connection, now: datetime, epoch: int | None, name: str
+    ) -> None:
         if epoch is None:
             return
         query = sa.select(leader_leases.c.epoch).where(
@@ -704,7 +722,9 @@ class Store:
             # FOR SHARE holds off a takeover (which updates this row) until this lease commits.
             query = query.with_for_update(read=True)
         if connection.execute(query).first() is None:
-            raise NotLeaderError(f"epoch {epoch} does not hold the {name!r} leader lease", epoch=epoch)
+            raise NotLeaderError(
+                f"epoch {epoch} does not hold the {name!r} leader lease", epoch=epoch
+            )
 
     def _grant(
         self,
@@ -795,7 +815,9 @@ class Store:
         )
         row = connection.execute(self._lock(query)).mappings().first()
         if row is None:
-            raise LeaseLostError(f"lease {lease_id} on task {task_id} is gone", task_id=str(task_id))
+            raise LeaseLostError(
+                f"lease {lease_id} on task {task_id} is gone", task_id=str(task_id)
+            )
         return row
 
     def _transition(
@@ -824,8 +846,12 @@ class Store:
         )
         if changed is None:
             if row["lease_id"] is not None:
-                raise LeaseLostError(f"task {row['id']} changed under its lease", task_id=str(row["id"]))
-            raise InvalidStateError(f"task {row['id']} changed concurrently", task_id=str(row["id"]))
+                raise LeaseLostError(
+                    f"task {row['id']} changed under its lease", task_id=str(row["id"])
+                )
+            raise InvalidStateError(
+                f"task {row['id']} changed concurrently", task_id=str(row["id"])
+            )
         return changed
 
     def _finish_attempt(
@@ -870,7 +896,7 @@ class Store:
     def heartbeat(
         self, task_id: uuid.UUID | str, lease_id: uuid.UUID, *, ttl_s: float | None = None
     ) -> datetime:
-        """Extend the lease; returns its new expiry, or raises ``LeaseLostError`` when it is gone."""
+        """Extend the lease and return its new expiry; ``LeaseLostError`` when it is gone."""
         task_uuid = _as_uuid(task_id)
         with self.transaction() as (connection, now):
             expires = now + timedelta(seconds=self.lease_ttl_s if ttl_s is None else ttl_s)
@@ -885,7 +911,9 @@ class Store:
                 .values(lease_expires_at=expires)
             )
             if result.rowcount != 1:
-                raise LeaseLostError(f"lease {lease_id} on task {task_uuid} is gone", task_id=str(task_uuid))
+                raise LeaseLostError(
+                    f"lease {lease_id} on task {task_uuid} is gone", task_id=str(task_uuid)
+                )
             return expires
 
     def complete(
@@ -930,7 +958,9 @@ class Store:
             return _task(changed)
 
     def _release_downstream(self, connection: Connection, task_id: uuid.UUID) -> None:
-        downstream = sa.select(task_edges.c.downstream_id).where(task_edges.c.upstream_id == task_id)
+        downstream = sa.select(task_edges.c.downstream_id).where(
+            task_edges.c.upstream_id == task_id
+        )
         connection.execute(
             sa.update(tasks)
             .where(tasks.c.id.in_(downstream), tasks.c.status == TaskState.BLOCKED.value)
@@ -1036,7 +1066,9 @@ class Store:
             state = TaskState(row["status"])
             if state.is_terminal:
                 raise InvalidStateError(
-                    f"task {task_uuid} is already {state.value}", task_id=str(task_uuid), status=state.value
+                    f"task {task_uuid} is already {state.value}",
+                    task_id=str(task_uuid),
+                    status=state.value,
                 )
             if state.is_live:
                 self._finish_attempt(connection, row, now, AttemptOutcome.CANCELLED, reason)
@@ -1081,7 +1113,11 @@ class Store:
         older_than: datetime | None,
     ) -> sa.Select[Any]:
         query = sa.select(tasks).where(tasks.c.status == TaskState.DEAD.value)
-        for column, value in ((tasks.c.tenant, tenant), (tasks.c.queue, queue), (tasks.c.type, task_type)):
+        for column, value in (
+            (tasks.c.tenant, tenant),
+            (tasks.c.queue, queue),
+            (tasks.c.type, task_type),
+        ):
             if value is not None:
                 query = query.where(column == value)
         if older_than is not None:
@@ -1179,9 +1215,9 @@ class Store:
             for candidate in candidates:
                 states = list(
                     connection.execute(
-                        sa.select(tasks.c.status).join(
-                            task_edges, task_edges.c.upstream_id == tasks.c.id
-                        ).where(task_edges.c.downstream_id == candidate)
+                        sa.select(tasks.c.status)
+                        .join(task_edges, task_edges.c.upstream_id == tasks.c.id)
+                        .where(task_edges.c.downstream_id == candidate)
                     ).scalars()
                 )
                 if any(s in failed_states for s in states):
@@ -1189,7 +1225,9 @@ class Store:
                 pending = sum(1 for s in states if s != TaskState.SUCCEEDED.value)
                 connection.execute(
                     sa.update(tasks)
-                    .where(tasks.c.id == candidate, tasks.c.status == TaskState.UPSTREAM_FAILED.value)
+                    .where(
+                        tasks.c.id == candidate, tasks.c.status == TaskState.UPSTREAM_FAILED.value
+                    )
                     .values(
                         status=(TaskState.BLOCKED if pending else TaskState.QUEUED).value,
                         pending_upstreams=pending,
@@ -1243,7 +1281,9 @@ class Store:
                 else sqlite.insert(leader_leases)
             )
             connection.execute(
-                insert.values(name=name, holder=holder, epoch=0, expires_at=now).on_conflict_do_nothing()
+                insert.values(
+                    name=name, holder=holder, epoch=0, expires_at=now
+                ).on_conflict_do_nothing()
             )
             row = (
                 connection.execute(
@@ -1254,7 +1294,11 @@ class Store:
             )
             if row["expires_at"] > now and row["holder"] != holder:
                 return None
-            epoch = row["epoch"] if row["holder"] == holder and row["expires_at"] > now else row["epoch"] + 1
+            epoch = (
+                row["epoch"]
+                if row["holder"] == holder and row["expires_at"] > now
+                else row["epoch"] + 1
+            )
             connection.execute(
                 sa.update(leader_leases)
                 .where(leader_leases.c.name == name, leader_leases.c.epoch == row["epoch"])

@@ -185,7 +185,7 @@ class LeaderLeaseRow(SQLModel, table=True):
 
 
 metadata = SQLModel.metadata
-tasks: sa.Table = TaskRow.__table__  # type: ignore[assignment]
-task_edges: sa.Table = TaskEdgeRow.__table__  # type: ignore[assignment]
-task_attempts: sa.Table = TaskAttemptRow.__table__  # type: ignore[assignment]
-leader_leases: sa.Table = LeaderLeaseRow.__table__  # type: ignore[assignment]
+tasks: sa.Table = metadata.tables["tasks"]
+task_edges: sa.Table = metadata.tables["task_edges"]
+task_attempts: sa.Table = metadata.tables["task_attempts"]
+leader_leases: sa.Table = metadata.tables["leader_leases"]

@@ -6,6 +6,7 @@ Create Date: 2026-11-28
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -18,7 +19,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _partial(where: str) -> dict[str, sa.TextClause]:
+def _partial(where: str) -> dict[str, Any]:
     return {"postgresql_where": sa.text(where), "sqlite_where": sa.text(where)}
 
 
@@ -90,9 +91,7 @@ def upgrade() -> None:
         unique=True,
         **_partial("idempotency_key IS NOT NULL"),
     )
-    op.create_index(
-        "ix_tasks_tenant_status_created", "tasks", ["tenant", "status", "created_at"]
-    )
+    op.create_index("ix_tasks_tenant_status_created", "tasks", ["tenant", "status", "created_at"])
 
     op.create_table(
         "task_edges",
