@@ -9,9 +9,20 @@ dropped afterwards. Without a reachable server they skip, except under
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# Ray reads these when it is imported, so they are set before any test module imports it:
+# traffic stays on loopback, its files in a temporary directory, and token auth uses a
+# random token of this run (nothing lands in the home directory).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="taskray-ray-"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
 import sqlalchemy as sa

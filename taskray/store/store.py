@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, RowMapping
@@ -58,6 +60,8 @@ from taskray.store.tables import leader_leases, task_attempts, task_edges, tasks
 log = logging.getLogger(__name__)
 
 LIVE = (TaskState.LEASED.value, TaskState.RUNNING.value)
+#: PostgreSQL channel that tells schedulers new work is ready (submit, release, replay).
+WORK_CHANNEL = "taskray_work"
 DEFAULT_LEASE_TTL_S = 30.0
 DEFAULT_LEADER_NAME = "scheduler"
 
@@ -210,6 +214,51 @@ def _json_size(value: Any) -> int:
         return len(json.dumps(value, separators=(",", ":"), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise InvalidTaskError(f"value must be JSON-serialisable: {exc}") from None
+
+
+class WorkListener(Protocol):
+    def wait(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s``; True when told that new work is ready."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _PollingListener:
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._closed = threading.Event()
+
+    def wait(self, timeout_s: float) -> bool:
+        # No notifications on SQLite: waking after a short interval makes the caller poll.
+        self._closed.wait(max(0.0, min(timeout_s, self.interval_s)))
+        return False
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class _PostgresListener:
+    def __init__(self, url: sa.URL) -> None:
+        libpq_url = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            self._connection = psycopg.connect(libpq_url, autocommit=True)
+        except psycopg.OperationalError:
+            raise StoreUnavailableError("cannot open a listening connection to the store") from None
+        self._connection.execute(f"LISTEN {WORK_CHANNEL}")
+
+    def wait(self, timeout_s: float) -> bool:
+        woke = False
+        for _ in self._connection.notifies(timeout=max(0.0, timeout_s), stop_after=1):
+            woke = True
+        if woke:
+            # Fold a burst of notifications into one wake-up.
+            for _ in self._connection.notifies(timeout=0.0):
+                pass
+        return woke
+
+    def close(self) -> None:
+        self._connection.close()
 
 
 class Store:
@@ -446,6 +495,8 @@ class Store:
             self._insert_tasks(connection, rows_to_insert)
             if edges:
                 self._insert_edges(connection, edges)
+            if any(r["status"] == TaskState.QUEUED.value for r in rows_to_insert):
+                self._notify_work(connection)
         out = [r for r in results if r is not None]
         assert len(out) == len(batch)
         return out
@@ -583,6 +634,26 @@ class Store:
                     .order_by(task_edges.c.upstream_id)
                 ).scalars()
             )
+
+    def now(self) -> datetime:
+        """The store's time (the database clock, or the injected one)."""
+        with self.transaction() as (_, now):
+            return now
+
+    def live_tasks(self) -> list[Task]:
+        """Tasks holding a lease (leased or running): what is placed on nodes right now."""
+        with self.transaction() as (connection, _):
+            rows = connection.execute(
+                sa.select(tasks).where(tasks.c.status.in_(LIVE)).order_by(tasks.c.leased_at)
+            ).mappings()
+            return [_task(r) for r in rows]
+
+    def listener(self, poll_interval_s: float = 0.2) -> WorkListener:
+        """Something to wait on for new ready work: LISTEN/NOTIFY on PostgreSQL, a short
+        poll on SQLite (which has no notifications)."""
+        if self.is_postgres:
+            return _PostgresListener(self.engine.url)
+        return _PollingListener(poll_interval_s)
 
     def count_by_status(
         self, *, tenant: str | None = None, queue: str | None = None
@@ -957,11 +1028,16 @@ class Store:
                 write(connection)
             return _task(changed)
 
+    def _notify_work(self, connection: Connection) -> None:
+        # Delivered at commit, and only then: a listener never wakes for work it cannot see.
+        if self.is_postgres:
+            connection.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": WORK_CHANNEL})
+
     def _release_downstream(self, connection: Connection, task_id: uuid.UUID) -> None:
         downstream = sa.select(task_edges.c.downstream_id).where(
             task_edges.c.upstream_id == task_id
         )
-        connection.execute(
+        released = connection.execute(
             sa.update(tasks)
             .where(tasks.c.id.in_(downstream), tasks.c.status == TaskState.BLOCKED.value)
             .values(
@@ -973,6 +1049,8 @@ class Store:
                 ),
             )
         )
+        if released.rowcount:
+            self._notify_work(connection)
 
     def fail(
         self,
@@ -1190,6 +1268,8 @@ class Store:
                     )
                 )
             self._revive_downstream(connection, [r["id"] for r in rows])
+            if replayed:
+                self._notify_work(connection)
             return replayed
 
     def _revive_downstream(self, connection: Connection, roots: list[uuid.UUID]) -> None:

@@ -1,0 +1,1 @@
+"""The scheduler layer: the leader loop and its Ray actor."""

@@ -1,0 +1,57 @@
+"""Task handlers the scheduler tests run on Ray workers (imported there as tests.handlers)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from taskray.executor import NonRetryableError
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def sleep(seconds: float, tag: str = "") -> dict[str, object]:
+    time.sleep(seconds)
+    return {"tag": tag, "pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def _count_call(path: str) -> int:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        handle.seek(0)
+        return len(handle.read().splitlines())
+
+
+def flaky(path: str, failures: int) -> str:
+    """Fails on its first ``failures`` calls (counted in a file shared by all workers)."""
+    call = _count_call(path)
+    if call <= failures:
+        raise ConnectionError(f"transient failure {call}")
+    return f"succeeded on call {call}"
+
+
+def always_fails() -> None:
+    raise ValueError("this input can never be processed")
+
+
+def poison() -> None:
+    raise NonRetryableError("malformed record")
+
+
+def record_pid_and_sleep(path: str, seconds: float) -> str:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return "finished"
+
+
+def count_and_sleep(path: str, seconds: float) -> int:
+    """Counts its executions in ``path`` (at-least-once execution is visible), then sleeps."""
+    call = _count_call(path)
+    time.sleep(seconds)
+    return call
