@@ -526,3 +526,13 @@ def test_purge_removes_attempts_and_edges(store: Store) -> None:
     assert store.purge([dead]) == 1
     assert store.upstreams(child.id) == []
     assert store.get(child.id).status is TaskState.UPSTREAM_FAILED
+
+
+def test_a_fresh_acquisition_by_the_same_holder_fences_its_predecessor(store: Store) -> None:
+    task = store.submit(make_spec()).task
+    first = store.acquire_leadership("actor:1", ttl_s=30)
+    again = store.acquire_leadership("actor:1", ttl_s=30, fresh=True)
+    assert first is not None and again == first + 1
+    with pytest.raises(NotLeaderError):
+        store.lease([LeaseRequest(task.id, "n")], epoch=first)
+    assert store.lease([LeaseRequest(task.id, "n")], epoch=again)[0].task.epoch == again

@@ -26,7 +26,10 @@ class _SchedulerActor:
     def __init__(self, database_url: str, config: SchedulerConfig | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         self._store = Store.open(database_url, migrate=False)
-        self._scheduler = Scheduler(self._store, database_url, config)
+        # The actor id survives restarts: a restarted incarnation takes the lease over at
+        # once (with a new epoch) instead of waiting for its predecessor's to run out.
+        holder = f"actor:{ray.get_runtime_context().get_actor_id()}"
+        self._scheduler = Scheduler(self._store, database_url, config, holder=holder)
         self._thread = threading.Thread(
             target=self._scheduler.run, name="taskray-scheduler", daemon=True
         )

@@ -146,7 +146,9 @@ class Scheduler:
     def _hold_leadership(self) -> bool:
         renew_every = self.config.leader_ttl_s / 3
         if self.epoch is None or time.monotonic() - self._leader_renewed_at >= renew_every:
-            epoch = self.store.acquire_leadership(self.holder, ttl_s=self.config.leader_ttl_s)
+            epoch = self.store.acquire_leadership(
+                self.holder, ttl_s=self.config.leader_ttl_s, fresh=self.epoch is None
+            )
             if epoch != self.epoch and epoch is not None:
                 log.info("scheduler %s leads with epoch %d", self.holder, epoch)
             self.epoch = epoch

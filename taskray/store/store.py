@@ -1346,12 +1346,19 @@ class Store:
     # -- leadership -------------------------------------------------------------------------
 
     def acquire_leadership(
-        self, holder: str, *, ttl_s: float = 15.0, name: str = DEFAULT_LEADER_NAME
+        self,
+        holder: str,
+        *,
+        ttl_s: float = 15.0,
+        name: str = DEFAULT_LEADER_NAME,
+        fresh: bool = False,
     ) -> int | None:
         """Take or renew the leader lease; returns the epoch held, or None if another leads.
 
         A holder that renews in time keeps its epoch; a takeover (or a holder coming back
-        after its lease ran out) gets a new, higher epoch, which fences the old one.
+        after its lease ran out) gets a new, higher epoch, which fences the old one. With
+        ``fresh`` a holder still in its lease takes a new epoch too: a restarted process
+        under the same holder name fences whatever its previous incarnation still sends.
         """
         with self.transaction() as (connection, now):
             expires = now + timedelta(seconds=ttl_s)
@@ -1374,11 +1381,8 @@ class Store:
             )
             if row["expires_at"] > now and row["holder"] != holder:
                 return None
-            epoch = (
-                row["epoch"]
-                if row["holder"] == holder and row["expires_at"] > now
-                else row["epoch"] + 1
-            )
+            renewal = row["holder"] == holder and row["expires_at"] > now and not fresh
+            epoch = row["epoch"] if renewal else row["epoch"] + 1
             connection.execute(
                 sa.update(leader_leases)
                 .where(leader_leases.c.name == name, leader_leases.c.epoch == row["epoch"])
