@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from taskray import executor
 from taskray.models import Task
-from taskray.policy.types import NodeView
+from taskray.policy.types import NodeView, Release
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,13 @@ def _schedulable(resources: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def read_nodes(used_by_taskray: Mapping[str, Mapping[str, float]]) -> list[NodeView]:
+def read_nodes(
+    used_by_taskray: Mapping[str, Mapping[str, float]],
+    releases: Mapping[str, Sequence[Release]] | None = None,
+) -> list[NodeView]:
     """Alive nodes with what is free on each: the lesser of Ray's own view and the node's
-    total less what taskray has leased there (Ray's view lags what was just dispatched)."""
+    total less what taskray has leased there (Ray's view lags what was just dispatched).
+    ``releases`` says what running tasks will give back by when, per node."""
     try:
         available = ray._private.state.available_resources_per_node()  # type: ignore[no-untyped-call]
     except Exception:  # a private API: fall back to totals and the ledger alone
@@ -67,7 +71,15 @@ def read_nodes(used_by_taskray: Mapping[str, Mapping[str, float]]) -> list[NodeV
             by_ray = ray_free.get(name, 0.0) if ray_free is not None else by_ledger
             free[name] = max(0.0, min(by_ledger, by_ray))
         labels = {k: str(v) for k, v in (node.get("Labels") or {}).items()}
-        views.append(NodeView(node_id=node_id, total=total, free=free, labels=labels))
+        views.append(
+            NodeView(
+                node_id=node_id,
+                total=total,
+                free=free,
+                labels=labels,
+                releases=tuple((releases or {}).get(node_id, ())),
+            )
+        )
     views.sort(key=lambda view: view.node_id)
     return views
 

@@ -6,6 +6,7 @@ One pass of the loop is :meth:`Scheduler.tick`. Decisions come from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from taskray.policy.types import (
     NodeView,
     PlacementPlan,
     PlacementRequest,
+    Release,
     TaskDemand,
 )
 from taskray.scheduler import cluster
@@ -69,12 +71,29 @@ def demand_of(task: Task) -> TaskDemand:
         priority=task.priority,
         demand=task.resources.as_dict(),
         ready_since=task.scheduled_at,
+        # The timeout bounds the run: enough for backfill to plan on (EASY backfill).
+        expected_duration_s=task.timeout_s,
         node_selector={
             key[len(NODE_SELECTOR_PREFIX) :]: value
             for key, value in task.labels.items()
             if key.startswith(NODE_SELECTOR_PREFIX)
         },
     )
+
+
+def _releases_by_node(live: list[Task]) -> dict[str, list[Release]]:
+    """When each live task with a timeout gives its resources back, at the latest."""
+    releases: dict[str, list[Release]] = defaultdict(list)
+    for task in live:
+        began = task.started_at or task.leased_at
+        if task.node_id is None or task.timeout_s is None or began is None:
+            continue
+        releases[task.node_id].append(
+            Release(
+                at=began + timedelta(seconds=task.timeout_s), resources=task.resources.as_dict()
+            )
+        )
+    return releases
 
 
 def _usage_by_node(live: list[Task]) -> dict[str, dict[str, float]]:
@@ -133,7 +152,7 @@ class Scheduler:
                 live = self.store.live_tasks()
         ready = self.store.candidates(self.config.window, queues=self.config.queues)
         if ready:
-            nodes = cluster.read_nodes(_usage_by_node(live))
+            nodes = cluster.read_nodes(_usage_by_node(live), _releases_by_node(live))
             report.dispatched, plan = self._place_and_dispatch(ready, nodes, now)
             report.waiting = len(plan.waiting)
             report.infeasible = list(plan.infeasible)
@@ -189,15 +208,14 @@ class Scheduler:
         ended = cluster.finished(list(self.in_flight.values()), timeout_s)
         for dispatched in ended:
             self.in_flight.pop(dispatched.task_id, None)
-            reported, ray_error = cluster.outcome(dispatched)
+            _reported, ray_error = cluster.outcome(dispatched)
             if ray_error is None or dispatched.stopped_because is not None:
                 continue
             # The executor could not report (its worker or node died): record the attempt.
             log.warning("task %s ended in Ray without a commit: %s", dispatched.task_id, ray_error)
-            try:
+            # LeaseLost: it committed before the worker went away, or was already reaped.
+            with contextlib.suppress(LeaseLostError):
                 self.store.fail(dispatched.task_id, dispatched.lease_id, ray_error, retryable=True)
-            except LeaseLostError:
-                pass  # it committed before the worker went away, or was already reaped
         self.totals["finished"] += len(ended)
         return len(ended)
 
