@@ -70,3 +70,41 @@ class StoreUnavailableError(TaskrayError):
 
 class MigrationError(TaskrayError):
     """The database schema is not at the version this taskray expects."""
+
+
+class NotInitializedError(TaskrayError):
+    """taskray is not initialised: call taskray.init() first."""
+
+
+class RemoteModeUnavailableError(TaskrayError):
+    """Remote mode (taskray.init(url=..., api_key=...)) needs the taskray REST API server."""
+
+
+class GetTimeoutError(TaskrayError, TimeoutError):
+    """The tasks did not finish within the timeout."""
+
+
+class TaskFailedError(TaskrayError):
+    """The task did not succeed.
+
+    ``status`` says how it ended; ``remote_traceback`` is the traceback of its last
+    attempt on the worker, when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: str,
+        status: str,
+        remote_traceback: str | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.status = status
+        self.remote_traceback = remote_traceback
+        text = (
+            message
+            if remote_traceback is None
+            else f"{message}\n\nRemote traceback:\n{remote_traceback}"
+        )
+        super().__init__(text, task_id=task_id, status=status)

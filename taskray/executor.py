@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import cloudpickle
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -28,8 +29,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from taskray import serialization
 from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
-from taskray.models import Task
+from taskray.models import Task, TaskState
 from taskray.store import Store, TransactionalWrite
 
 log = logging.getLogger(__name__)
@@ -69,12 +71,23 @@ def register(name: str, function: Callable[..., Any]) -> None:
         _registry[name] = function
 
 
-def resolve(task_type: str) -> Callable[..., Any]:
-    """The handler for ``task_type``: a registered function, or ``module:attribute``."""
+def resolve(task_type: str, store: Store | None = None) -> Callable[..., Any]:
+    """The handler for ``task_type``: a registered function, a function shipped by value
+    (loaded from ``store`` once per process), or ``module:attribute``."""
     with _registry_lock:
         found = _registry.get(task_type)
     if found is not None:
         return found
+    digest = serialization.digest_of_type(task_type)
+    if digest is not None:
+        if store is None:
+            raise UnknownTaskTypeError(f"task type {task_type!r} needs the store to load")
+        try:
+            function = cloudpickle.loads(store.get_function(digest))
+        except TaskrayError:
+            raise UnknownTaskTypeError(f"no stored function for task type {task_type!r}") from None
+        register(task_type, function)
+        return function  # type: ignore[no-any-return]
     module_name, sep, attribute = task_type.partition(":")
     if not sep or not module_name or not attribute:
         raise UnknownTaskTypeError(
@@ -91,18 +104,33 @@ def resolve(task_type: str) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-def call_arguments(payload: Any) -> tuple[list[Any], dict[str, Any]]:
-    """A payload ``{"args": [...], "kwargs": {...}}`` is spread into the call; any other
-    payload is passed as the single argument (``None`` means no argument)."""
-    if isinstance(payload, dict) and payload and set(payload) <= {"args", "kwargs"}:
-        return list(payload.get("args") or []), dict(payload.get("kwargs") or {})
-    return ([] if payload is None else [payload]), {}
+class UpstreamNotReadyError(TaskrayError):
+    """An upstream task's result was asked for before that task succeeded."""
 
 
-def is_retryable(error: BaseException) -> bool:
-    if isinstance(error, NonRetryableError):
+def upstream_results(store: Store) -> Callable[[uuid.UUID], Any]:
+    def result_of(task_id: uuid.UUID) -> Any:
+        upstream = store.get(task_id)
+        if upstream.status is not TaskState.SUCCEEDED:
+            raise UpstreamNotReadyError(f"upstream task {task_id} is {upstream.status.value}")
+        return serialization.from_json(upstream.result)
+
+    return result_of
+
+
+#: Metadata key listing the exception classes (``module.QualName``) worth a retry; any
+#: other exception dead-letters the task at once. Absent: every exception is retried.
+RETRY_ON_METADATA_KEY = "taskray:retry_on"
+
+
+def is_retryable(error: BaseException, task: Task | None = None) -> bool:
+    if isinstance(error, NonRetryableError) or getattr(error, "retryable", True) is False:
         return False
-    return getattr(error, "retryable", True) is not False
+    retry_on = task.metadata.get(RETRY_ON_METADATA_KEY) if task is not None else None
+    if retry_on is None:
+        return True
+    names = {f"{cls.__module__}.{cls.__qualname__}" for cls in type(error).__mro__}
+    return bool(names & set(retry_on))
 
 
 _stores: dict[str, Store] = {}
@@ -133,7 +161,9 @@ def _with_retries(call: Callable[[], T]) -> T:
 class _Heartbeat(threading.Thread):
     """Extends the lease every ``interval_s`` until stopped or the lease is lost."""
 
-    def __init__(self, store: Store, task: Task, lease_id: uuid.UUID, interval_s: float, ttl_s: float):
+    def __init__(
+        self, store: Store, task: Task, lease_id: uuid.UUID, interval_s: float, ttl_s: float
+    ):
         super().__init__(name=f"taskray-heartbeat-{task.id}", daemon=True)
         self.store, self.task, self.lease_id = store, task, lease_id
         self.interval_s, self.ttl_s = interval_s, ttl_s
@@ -145,11 +175,15 @@ class _Heartbeat(threading.Thread):
             try:
                 self.store.heartbeat(self.task.id, self.lease_id, ttl_s=self.ttl_s)
             except LeaseLostError:
-                log.warning("task %s lost its lease; its result will not be committed", self.task.id)
+                log.warning(
+                    "task %s lost its lease; its result will not be committed", self.task.id
+                )
                 self.lost.set()
                 return
             except StoreUnavailableError:
-                log.warning("heartbeat for task %s failed: store unreachable; retrying", self.task.id)
+                log.warning(
+                    "heartbeat for task %s failed: store unreachable; retrying", self.task.id
+                )
 
     def stop(self) -> None:
         self.stopped.set()
@@ -178,22 +212,24 @@ def execute(
     heartbeat.start()
     try:
         try:
-            handler = resolve(task.type)
-            args, kwargs = call_arguments(task.payload)
+            handler = resolve(task.type, store)
+            args, kwargs = serialization.decode_call(task.payload, upstream_results(store))
             outcome = handler(*args, **kwargs)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             trace = traceback.format_exc()
-            retryable = is_retryable(exc)
+            retryable = is_retryable(exc, task) and not isinstance(exc, UnknownTaskTypeError)
             return _commit_failure(store, task, lease, error, trace, retryable)
         heartbeat.stop()
+        write = outcome.write if isinstance(outcome, Commit) else None
+        result = outcome.result if isinstance(outcome, Commit) else outcome
+        # A Python caller gets its result back as the very object (pickled); a task
+        # submitted as JSON keeps a JSON result that any client can read.
+        if serialization.is_pickled(task.payload):
+            result = serialization.to_json(result)
         try:
-            if isinstance(outcome, Commit):
-                _with_retries(
-                    lambda: store.complete(task.id, lease, outcome.result, write=outcome.write)
-                )
-            else:
-                _with_retries(lambda: store.complete(task.id, lease, outcome))
+            stored = result
+            _with_retries(lambda: store.complete(task.id, lease, stored, write=write))
         except LeaseLostError:
             log.warning("task %s finished but its lease is gone; result not committed", task.id)
             return "lease_lost"

@@ -55,7 +55,13 @@ from taskray.models import (
     TaskState,
 )
 from taskray.store import engine as engines
-from taskray.store.tables import leader_leases, task_attempts, task_edges, tasks
+from taskray.store.tables import (
+    leader_leases,
+    task_attempts,
+    task_edges,
+    task_functions,
+    tasks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1342,6 +1348,28 @@ class Store:
                 )
             )
             return connection.execute(sa.delete(tasks).where(tasks.c.id.in_(ids))).rowcount
+
+    # -- functions shipped by value ---------------------------------------------------------
+
+    def put_function(self, digest: str, name: str, blob: bytes) -> None:
+        """Store a pickled function once per content digest (re-running a notebook cell that
+        defines the same function adds nothing)."""
+        with self.transaction() as (connection, now):
+            insert = postgresql.insert if self.is_postgres else sqlite.insert
+            connection.execute(
+                insert(task_functions)
+                .values(digest=digest, name=name[:200], blob=blob, created_at=now)
+                .on_conflict_do_nothing()
+            )
+
+    def get_function(self, digest: str) -> bytes:
+        with self.transaction() as (connection, _):
+            blob = connection.execute(
+                sa.select(task_functions.c.blob).where(task_functions.c.digest == digest)
+            ).scalar_one_or_none()
+        if blob is None:
+            raise UnknownTaskError([f"function {digest}"])
+        return bytes(blob)
 
     # -- leadership -------------------------------------------------------------------------
 

@@ -184,8 +184,20 @@ class LeaderLeaseRow(SQLModel, table=True):
     expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
 
 
+class TaskFunctionRow(SQLModel, table=True):
+    """A function shipped by value, stored once per content digest (sha256 of its pickle)."""
+
+    __tablename__ = "task_functions"
+
+    digest: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    blob: bytes = Field(sa_type=sa.LargeBinary)
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
 metadata = SQLModel.metadata
 tasks: sa.Table = metadata.tables["tasks"]
 task_edges: sa.Table = metadata.tables["task_edges"]
 task_attempts: sa.Table = metadata.tables["task_attempts"]
 leader_leases: sa.Table = metadata.tables["leader_leases"]
+task_functions: sa.Table = metadata.tables["task_functions"]

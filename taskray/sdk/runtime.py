@@ -1,0 +1,151 @@
+"""``taskray.init()`` and ``taskray.shutdown()``: what the SDK is connected to."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from taskray.errors import InvalidTaskError, NotInitializedError, RemoteModeUnavailableError
+from taskray.scheduler.actor import SCHEDULER_NAME, start_scheduler, stop_scheduler
+from taskray.scheduler.core import SchedulerConfig
+from taskray.store import Store, default_database_url
+from taskray.store.engine import normalise_url, redacted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What ``init`` connected to, and what it started (so ``shutdown`` stops only that)."""
+
+    store: Store
+    database_url: str
+    started_ray: bool
+    scheduler: Any | None
+    scheduler_name: str
+
+    @property
+    def embedded(self) -> bool:
+        return self.started_ray
+
+    def node_totals(self) -> list[dict[str, float]]:
+        """Each alive node's declared resources, in Ray's names."""
+        return [
+            dict(node["Resources"])
+            for node in ray.nodes()  # type: ignore[no-untyped-call]
+            if node.get("Alive")
+        ]
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def init(
+    database_url: str | None = None,
+    ray_address: str | None = None,
+    *,
+    url: str | None = None,
+    api_key: str | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    resources: dict[str, float] | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    start_scheduler_actor: bool = True,
+    scheduler_config: SchedulerConfig | None = None,
+) -> Runtime:
+    """Connect the SDK.
+
+    With no arguments: the embedded default, a local Ray, a SQLite database under your
+    data directory (``TASKRAY_DATABASE_URL`` overrides it) and the scheduler actor in that
+    Ray. ``database_url`` and ``ray_address`` join a cluster. Calling ``init`` again
+    returns the runtime already running.
+    """
+    global _runtime
+    if url is not None or api_key is not None:
+        raise RemoteModeUnavailableError(
+            "remote mode (init(url=..., api_key=...)) needs the taskray REST API, which this "
+            "version does not ship yet; connect with database_url=... and ray_address=..."
+        )
+    with _lock:
+        if _runtime is not None:
+            if database_url is not None and normalise_url(database_url) != normalise_url(
+                _runtime.database_url
+            ):
+                raise InvalidTaskError(
+                    "taskray is already initialised with another database; "
+                    "call taskray.shutdown() first"
+                )
+            return _runtime
+        database_url = database_url or default_database_url()
+        is_sqlite = normalise_url(database_url).get_backend_name() == "sqlite"
+        store = Store.open(database_url)
+        started_ray = False
+        try:
+            if not ray.is_initialized():
+                if ray_address is not None:
+                    ray.init(
+                        address=ray_address, runtime_env=runtime_env, logging_level=logging.WARNING
+                    )
+                else:
+                    ray.init(
+                        address="local",
+                        num_cpus=num_cpus,
+                        num_gpus=num_gpus,
+                        resources=resources,
+                        include_dashboard=False,
+                        runtime_env=runtime_env,
+                        logging_level=logging.WARNING,
+                    )
+                    started_ray = True
+            alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+            if is_sqlite and len(alive) > 1:
+                raise InvalidTaskError(
+                    f"this Ray has {len(alive)} nodes, but SQLite serves one machine only: point "
+                    "taskray at PostgreSQL (database_url=... or TASKRAY_DATABASE_URL)"
+                )
+            scheduler = None
+            if start_scheduler_actor:
+                # An embedded scheduler lives and dies with this driver; on a cluster it is
+                # detached, shared by every client, and restarted by Ray.
+                scheduler = start_scheduler(
+                    database_url, scheduler_config, detached=not started_ray
+                )
+        except BaseException:
+            store.close()
+            if started_ray:
+                ray.shutdown()
+            raise
+        _runtime = Runtime(store, database_url, started_ray, scheduler, SCHEDULER_NAME)
+        log.info("taskray connected to %s", redacted(database_url))
+        return _runtime
+
+
+def shutdown() -> None:
+    """Stop what ``init`` started: the embedded scheduler and local Ray. Harmless twice."""
+    global _runtime
+    with _lock:
+        runtime, _runtime = _runtime, None
+    if runtime is None:
+        return
+    try:
+        if runtime.scheduler is not None and runtime.started_ray:
+            stop_scheduler(runtime.scheduler_name)
+    finally:
+        runtime.store.close()
+        if runtime.started_ray:
+            ray.shutdown()
+
+
+def current() -> Runtime:
+    if _runtime is None:
+        raise NotInitializedError()
+    return _runtime
+
+
+def is_initialized() -> bool:
+    return _runtime is not None

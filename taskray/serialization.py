@@ -1,0 +1,104 @@
+"""How Python calls and results travel through the store's JSON columns.
+
+Tasks submitted by name from the REST API or the CLI carry plain JSON. Tasks
+submitted from Python carry their arguments pickled (cloudpickle, so lambdas,
+numpy arrays and notebook classes survive), base64-encoded under one key; an
+upstream task's handle among the arguments becomes an ``UpstreamResult``
+marker that the executor swaps for that task's result before the call.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from taskray.errors import InvalidTaskError
+
+#: The key under which a pickled value travels in a JSON column.
+PICKLE_KEY = "__taskray_pickle__"
+#: Task types of functions shipped by value start with this prefix.
+PICKLED_TYPE_PREFIX = "pickled:"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResult:
+    """Stands, among a task's arguments, for the result of upstream task ``task_id``."""
+
+    task_id: uuid.UUID
+
+
+def dumps(value: Any) -> bytes:
+    try:
+        return bytes(cloudpickle.dumps(value))
+    except Exception as exc:
+        raise InvalidTaskError(f"cannot pickle {type(value).__name__}: {exc}") from None
+
+
+def to_json(value: Any) -> dict[str, str]:
+    return {PICKLE_KEY: base64.b64encode(dumps(value)).decode("ascii")}
+
+
+def is_pickled(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {PICKLE_KEY}
+
+
+def from_json(value: Any) -> Any:
+    """A pickled value back as itself; anything else (plain JSON) as it is."""
+    if is_pickled(value):
+        return cloudpickle.loads(base64.b64decode(value[PICKLE_KEY]))
+    return value
+
+
+def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+    return to_json((list(args), dict(kwargs)))
+
+
+def decode_call(
+    payload: Any, upstream: Callable[[uuid.UUID], Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments of a call, upstream markers replaced through ``upstream(task_id)``.
+
+    A plain-JSON payload follows the by-name convention: ``{"args": [...], "kwargs": {...}}``
+    is spread into the call, anything else is the single argument (``None``: no argument).
+    """
+    if is_pickled(payload):
+        args, kwargs = from_json(payload)
+        return substitute(args, upstream), substitute(kwargs, upstream)
+    if isinstance(payload, dict) and payload and set(payload) <= {"args", "kwargs"}:
+        return list(payload.get("args") or []), dict(payload.get("kwargs") or {})
+    return ([] if payload is None else [payload]), {}
+
+
+def substitute(value: Any, upstream: Callable[[uuid.UUID], Any]) -> Any:
+    """``value`` with every ``UpstreamResult`` inside lists, tuples and dicts replaced."""
+    if isinstance(value, UpstreamResult):
+        return upstream(value.task_id)
+    if isinstance(value, list):
+        return [substitute(v, upstream) for v in value]
+    if isinstance(value, tuple):
+        return tuple(substitute(v, upstream) for v in value)
+    if isinstance(value, dict):
+        return {k: substitute(v, upstream) for k, v in value.items()}
+    return value
+
+
+def function_digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def pickled_type(qualname: str, digest: str) -> str:
+    """The task type of a function shipped by value: readable, and unique per content."""
+    safe = "".join(c if c.isalnum() or c in "_." else "_" for c in qualname)[:120]
+    return f"{PICKLED_TYPE_PREFIX}{safe}/{digest}"
+
+
+def digest_of_type(task_type: str) -> str | None:
+    if not task_type.startswith(PICKLED_TYPE_PREFIX) or "/" not in task_type:
+        return None
+    return task_type.rsplit("/", 1)[1]
