@@ -1,192 +1,174 @@
-"""The store demo: a small pipeline driven through the store's own operations.
+"""``taskray demo``: a small data pipeline on the embedded default, end to end.
 
-Until the scheduler and the SDK run tasks on Ray, this is what ``taskray demo``
-shows: a DAG with mixed priorities and an idempotent repeat submitted in one
-batch, leased in priority order, run, committed under its lease, one flaky task
-that succeeds on retry and one poison task that ends in the dead-letter queue.
+A local Ray (declaring one GPU), a fresh SQLite file and the scheduler actor;
+then real tasks: an ingest, a fan-out of CPU transforms with mixed
+priorities, a step that asks for the GPU, a report that gathers them, a flaky
+fetch that succeeds on retry and a poison record that ends in the dead-letter
+queue. The functions live in this module so every worker can import them.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from platformdirs import user_data_dir
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from taskray.models import RetryPolicy, Task, TaskSpec, TaskState
-from taskray.store import Store
+import taskray
+from taskray import serialization
+from taskray.models import Task, TaskState
+from taskray.sdk import runtime
 from taskray.store.engine import redacted
 
-Handler = Callable[[Any, list[Any]], Any]
+
+@taskray.task(priority=5)
+def ingest(rows: int) -> list[int]:
+    return [(i * 7919) % 101 for i in range(rows)]
 
 
-class NonRetryable(Exception):
-    """A failure that retrying cannot fix."""
-
-
-def _ingest(payload: Any, _upstream: list[Any]) -> list[int]:
-    return [(i * 7919) % 101 for i in range(payload["rows"])]
-
-
-def _transform(payload: Any, upstream: list[Any]) -> dict[str, float]:
-    rows = upstream[0]
-    op = payload["op"]
-    reducers: dict[str, Callable[[list[int]], float]] = {
+@taskray.task
+def transform(data: list[int], op: str) -> dict[str, float]:
+    ops: dict[str, Callable[[list[int]], float]] = {
         "mean": statistics.fmean,
         "max": max,
         "stdev": statistics.pstdev,
+        "p90": lambda xs: statistics.quantiles(xs, n=10)[-1],
     }
-    value = reducers[op](rows)
-    return {op: round(float(value), 3)}
+    return {op: round(float(ops[op](data)), 3)}
 
 
-def _report(_payload: Any, upstream: list[Any]) -> str:
+@taskray.task(num_gpus=1, num_cpus=1)
+def embed_on_gpu(data: list[int]) -> str:
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "?")
+    return f"{len(data)} rows embedded on GPU {device}"
+
+
+@taskray.task(priority=1)
+def report(parts: list[dict[str, float]], embedding: str) -> str:
     merged: dict[str, float] = {}
-    for part in upstream:
+    for part in parts:
         merged.update(part)
-    return ", ".join(f"{k}={v}" for k, v in sorted(merged.items()))
+    stats = ", ".join(f"{k}={v}" for k, v in sorted(merged.items()))
+    return f"{stats}; {embedding}"
 
 
-def _flaky(payload: Any, _upstream: list[Any], _calls: dict[str, int] = {}) -> str:  # noqa: B006
-    # Fails on its first try only: the state lives in the demo process on purpose.
-    count = _calls[payload["name"]] = _calls.get(payload["name"], 0) + 1
-    if count < 2:
-        raise ConnectionError("upstream API timed out")
-    return f"fetched on try {count}"
+@taskray.task(priority=9, max_retries=3, retry_backoff=(0.5, 2.0))
+def fetch_prices(marker: str) -> str:
+    # Fails on its first try only; the marker file tells a later try (in any worker).
+    if not Path(marker).exists():
+        Path(marker).touch()
+        raise ConnectionError("price feed timed out")
+    return "prices fetched"
 
 
-def _poison(_payload: Any, _upstream: list[Any]) -> None:
-    raise NonRetryable("record 17 is malformed; retrying cannot help")
+@taskray.task(priority=3)
+def parse_record(record: str) -> dict[str, Any]:
+    if not record.startswith("{"):
+        raise taskray.NonRetryableError(f"record is not JSON: {record[:20]!r}")
+    return {"ok": True}
 
 
-HANDLERS: dict[str, Handler] = {
-    "demo:ingest": _ingest,
-    "demo:transform": _transform,
-    "demo:report": _report,
-    "demo:flaky": _flaky,
-    "demo:poison": _poison,
-}
-
-
-def demo_specs() -> list[TaskSpec]:
-    quick_retry = RetryPolicy(max_retries=3, backoff_base_s=0.2, backoff_cap_s=1.0, jitter=0.2)
-    return [
-        TaskSpec("demo:ingest", {"rows": 500}, key="ingest", idempotency_key="demo-ingest"),
-        *(
-            TaskSpec("demo:transform", {"op": op}, key=op, depends_on=["ingest"], priority=prio)
-            for op, prio in (("mean", 5), ("max", 1), ("stdev", 9))
-        ),
-        TaskSpec("demo:report", None, key="report", depends_on=["mean", "max", "stdev"]),
-        TaskSpec("demo:flaky", {"name": "prices"}, priority=20, retry=quick_retry),
-        TaskSpec("demo:poison", None, priority=3, retry=quick_retry),
-        # The same ingest again, e.g. a client retrying its request: deduplicated.
-        TaskSpec("demo:ingest", {"rows": 500}, idempotency_key="demo-ingest"),
-    ]
-
-
-def run_demo(database_url: str | None, console: Console | None = None) -> list[Task]:
-    console = console or Console()
-    url = database_url or f"sqlite:///{_fresh_demo_file()}"
-    with Store.open(url) as store:
-        console.print(f"[bold]taskray demo[/] — store at {redacted(url)}")
-        results = store.submit_many(demo_specs())
-        ids = list(dict.fromkeys(r.task.id for r in results))
-        for spec, result in zip(demo_specs(), results, strict=True):
-            note = " [yellow](deduplicated: same idempotency key)[/]" if result.deduplicated else ""
-            console.print(
-                f"  submitted {spec.type:<15} priority {spec.priority:>2} → "
-                f"{result.task.status.value}{note}"
-            )
-        _work(store, console)
-        tasks = store.get_many(ids)
-        console.print(_table(store, tasks))
-        dead = store.list_dead()
-        console.print(
-            f"{len(dead)} task(s) in the dead-letter queue; "
-            "`taskray dlq list` shows them, `taskray dlq replay ID` runs one again."
-        )
-        return tasks
-
-
-def _work(store: Store, console: Console) -> None:
-    """Lease ready tasks in priority order and run them until nothing is left to run."""
-    worker = f"demo-worker-{uuid.uuid4().hex[:6]}"
-    while True:
-        leases = store.claim(4, node_id="local")
-        if not leases:
-            due = store.next_scheduled_at()
-            live = store.count_by_status()
-            if due is None and not live.get(TaskState.LEASED) and not live.get(TaskState.RUNNING):
-                return
-            if due is not None:
-                # A retry waits out its backoff: sleep until the store says it is due.
-                time.sleep(max(0.0, min(1.0, (due - datetime.now(UTC)).total_seconds())))
-            continue
-        console.print(
-            "  leased "
-            + ", ".join(f"{lease.task.type}(p{lease.task.priority})" for lease in leases)
-        )
-        for lease in leases:
-            task = lease.task
-            store.start(task.id, lease.lease_id, worker_id=worker)
-            upstream = [t.result for t in store.get_many(store.upstreams(task.id))]
-            try:
-                result = HANDLERS[task.type](task.payload, upstream)
-            except Exception as exc:
-                after = store.fail(
-                    task.id,
-                    lease.lease_id,
-                    f"{type(exc).__name__}: {exc}",
-                    retryable=not isinstance(exc, NonRetryable),
-                )
-                console.print(
-                    f"    [red]✗[/] {task.type} attempt {task.attempt}: {exc}"
-                    f" → {after.status.value}"
-                )
-            else:
-                store.complete(task.id, lease.lease_id, result)
-                console.print(
-                    f"    [green]✓[/] {task.type} attempt {task.attempt} → {_summary(result)}"
-                )
-
-
-def _summary(result: Any) -> str:
-    if isinstance(result, list):
-        return f"{len(result)} rows"
-    return repr(result)
-
-
-def _table(store: Store, tasks: list[Task]) -> Table:
-    table = Table(title="every task")
-    for column in ("task", "type", "prio", "state", "attempts", "result / error"):
-        table.add_column(column)
-    colours = {TaskState.SUCCEEDED: "green", TaskState.DEAD: "red"}
-    for task in tasks:
-        colour = colours.get(task.status, "yellow")
-        detail = (
-            task.last_error if task.status is not TaskState.SUCCEEDED else _summary(task.result)
-        )
-        table.add_row(
-            str(task.id)[:8],
-            task.type,
-            str(task.priority),
-            f"[{colour}]{task.status.value}[/]",
-            str(len(store.attempts(task.id))),
-            (detail or "")[:48],
-        )
-    return table
-
-
-def _fresh_demo_file() -> Path:
+def _fresh_demo_database() -> str:
     path = Path(user_data_dir("taskray", appauthor=False)) / "demo.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    return path
+    return f"sqlite:///{path}"
+
+
+def run_demo(database_url: str | None = None, console: Console | None = None) -> list[Task]:
+    console = console or Console()
+    url = database_url or _fresh_demo_database()
+    console.print(f"[bold]taskray demo[/]: a local Ray with one GPU, store at {redacted(url)}")
+    started = time.monotonic()
+    rt = taskray.init(url, num_cpus=4, num_gpus=1, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="taskray-demo-") as scratch:
+            handles = _submit_pipeline(console, str(Path(scratch) / "prices-marker"))
+            _follow(console, rt, handles)
+        tasks = rt.store.get_many(list(dict.fromkeys(h.id for h in handles)))
+        console.print(_table(rt, tasks))
+        final = next(t for t in tasks if t.type.endswith(":report"))
+        console.print(f"report: [bold]{serialization.from_json(final.result)}[/]")
+        dead = [t for t in tasks if t.status is TaskState.DEAD]
+        console.print(
+            f"done in {time.monotonic() - started:.1f}s. {len(dead)} task(s) in the "
+            "dead-letter queue. Next: `taskray dlq list`, `taskray status <id>`, and "
+            "notebooks/quickstart.ipynb for the SDK step by step."
+        )
+        return tasks
+    finally:
+        taskray.shutdown()
+
+
+def _submit_pipeline(console: Console, marker: str) -> list[taskray.TaskHandle]:
+    data = ingest.options(idempotency_key="demo-ingest").submit(2000)
+    # The same ingest submitted again (a client retrying, a re-run cell): deduplicated.
+    repeat = ingest.options(idempotency_key="demo-ingest").submit(2000)
+    console.print(f"  ingest submitted; repeat deduplicated: {repeat.deduplicated}")
+    parts = [
+        transform.options(priority=p).submit(data, op)
+        for op, p in (("mean", 2), ("max", 0), ("stdev", 7), ("p90", 4))
+    ]
+    embedding = embed_on_gpu.submit(data)
+    final = report.submit(parts, embedding)
+    flaky = fetch_prices.submit(marker)
+    poison = parse_record.submit("<html>not a record")
+    console.print(
+        "  submitted: ingest -> 4 transforms + a GPU step -> report; a flaky fetch; a poison record"
+    )
+    return [data, repeat, *parts, embedding, final, flaky, poison]
+
+
+def _follow(console: Console, rt: runtime.Runtime, handles: list[taskray.TaskHandle]) -> None:
+    ids = list(dict.fromkeys(h.id for h in handles))
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task("running", total=len(ids))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            tasks = rt.store.get_many(ids)
+            done = sum(t.status.is_terminal for t in tasks)
+            running = sum(t.status is TaskState.RUNNING for t in tasks)
+            progress.update(bar, completed=done, description=f"running ({running} now)")
+            if done == len(ids):
+                return
+            time.sleep(0.1)
+    raise taskray.GetTimeoutError("the demo's tasks did not finish within 120 s")
+
+
+def _table(rt: runtime.Runtime, tasks: list[Task]) -> Table:
+    table = Table(title="every task")
+    for column in ("task", "function", "state", "node", "attempts", "duration", "error"):
+        table.add_column(column)
+    colours = {TaskState.SUCCEEDED: "green", TaskState.DEAD: "red"}
+    for task in tasks:
+        colour = colours.get(task.status, "yellow")
+        duration = (
+            f"{(task.completed_at - task.started_at).total_seconds():.2f}s"
+            if task.completed_at and task.started_at
+            else ""
+        )
+        table.add_row(
+            str(task.id)[:8],
+            task.type.rsplit(":", 1)[-1],
+            f"[{colour}]{task.status.value}[/]",
+            (task.node_id or "")[:8],
+            str(len(rt.store.attempts(task.id))),
+            duration,
+            (task.last_error or "")[:40],
+        )
+    return table

@@ -25,6 +25,7 @@ NAMESPACE = "taskray"
 class _SchedulerActor:
     def __init__(self, database_url: str, config: SchedulerConfig | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         self._store = Store.open(database_url, migrate=False)
         # The actor id survives restarts: a restarted incarnation takes the lease over at
         # once (with a new epoch) instead of waiting for its predecessor's to run out.

@@ -7,7 +7,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from tqdm.auto import tqdm
 
@@ -218,8 +218,18 @@ class TaskFunction(Generic[P, R]):
         return HandleList(_submit_specs(specs))
 
 
+@overload
+def task(function: Callable[P, R], /) -> TaskFunction[P, R]: ...
+
+
+@overload
 def task(
-    function: Callable[P, R] | None = None, **options: Any
+    function: None = None, /, **options: Any
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
+
+
+def task(
+    function: Callable[P, R] | None = None, /, **options: Any
 ) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Make ``function`` a taskray task; ``@taskray.task`` or ``@taskray.task(num_gpus=1, ...)``."""
     base = TaskOptions().merged(options)

@@ -55,6 +55,7 @@ def init(
     num_gpus: int | None = None,
     resources: dict[str, float] | None = None,
     runtime_env: dict[str, Any] | None = None,
+    log_to_driver: bool = True,
     start_scheduler_actor: bool = True,
     scheduler_config: SchedulerConfig | None = None,
 ) -> Runtime:
@@ -100,6 +101,7 @@ def init(
                         include_dashboard=False,
                         runtime_env=runtime_env,
                         logging_level=logging.WARNING,
+                        log_to_driver=log_to_driver,
                     )
                     started_ray = True
             alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
