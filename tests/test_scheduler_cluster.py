@@ -254,3 +254,24 @@ def test_the_scheduler_actor_is_named_detached_and_restarted(pg: tuple[Store, st
     finally:
         assert stop_scheduler()
     assert store.leadership() is None
+
+
+def test_the_sdk_joins_a_cluster_and_refuses_sqlite_there(
+    pg: tuple[Store, str], cluster: Cluster, tmp_path: Path
+) -> None:
+    import taskray
+    from tests import sdk_functions as fns
+
+    with pytest.raises(taskray.InvalidTaskError, match="PostgreSQL"):
+        taskray.init(f"sqlite:///{tmp_path / 'one-machine.db'}", ray_address=cluster.address)
+    assert not taskray.is_initialized()
+    _store, url = pg
+    try:
+        taskray.init(url, ray_address=cluster.address)
+        handle = fns.which_gpu.submit()
+        assert taskray.get(handle, timeout=90) in ("0", "1")
+        assert handle.task().node_id in node_ids("gpu_node")
+    finally:
+        taskray.shutdown()
+        stop_scheduler()  # the SDK leaves a cluster's shared scheduler running
+    assert ray.is_initialized()  # and it did not stop a Ray it did not start
