@@ -897,6 +897,41 @@ class Store:
             )
         return row
 
+    def _fenced_update(
+        self,
+        connection: Connection,
+        now: datetime,
+        task_id: uuid.UUID,
+        lease_id: uuid.UUID,
+        values: dict[str, Any],
+        states: Sequence[str] = LIVE,
+    ) -> RowMapping:
+        """One conditional UPDATE fenced by the live, unexpired lease; the row after it.
+
+        The hot path (start, complete) reads nothing first: the WHERE clause is the fence,
+        and a row count of zero means the lease is gone.
+        """
+        changed = (
+            connection.execute(
+                sa.update(tasks)
+                .where(
+                    tasks.c.id == task_id,
+                    tasks.c.lease_id == lease_id,
+                    tasks.c.status.in_(list(states)),
+                    tasks.c.lease_expires_at > now,
+                )
+                .values(**values)
+                .returning(*tasks.c)
+            )
+            .mappings()
+            .first()
+        )
+        if changed is None:
+            raise LeaseLostError(
+                f"lease {lease_id} on task {task_id} is gone", task_id=str(task_id)
+            )
+        return changed
+
     def _transition(
         self,
         connection: Connection,
@@ -956,9 +991,13 @@ class Store:
         """The executor has begun running the task (fenced by its lease)."""
         task_uuid = _as_uuid(task_id)
         with self.transaction() as (connection, now):
-            row = self._live(connection, now, task_uuid, lease_id, states=(TaskState.LEASED.value,))
-            changed = self._transition(
-                connection, row, {"status": TaskState.RUNNING.value, "started_at": now}
+            row = self._fenced_update(
+                connection,
+                now,
+                task_uuid,
+                lease_id,
+                {"status": TaskState.RUNNING.value, "started_at": now},
+                states=(TaskState.LEASED.value,),
             )
             connection.execute(
                 sa.update(task_attempts)
@@ -968,7 +1007,7 @@ class Store:
                 )
                 .values(started_at=now, worker_id=worker_id)
             )
-            return _task(changed)
+            return _task(row)
 
     def heartbeat(
         self, task_id: uuid.UUID | str, lease_id: uuid.UUID, *, ttl_s: float | None = None
@@ -1016,10 +1055,11 @@ class Store:
             )
         task_uuid = _as_uuid(task_id)
         with self.transaction() as (connection, now):
-            row = self._live(connection, now, task_uuid, lease_id)
-            changed = self._transition(
+            row = self._fenced_update(
                 connection,
-                row,
+                now,
+                task_uuid,
+                lease_id,
                 {
                     "status": TaskState.SUCCEEDED.value,
                     "result": result,
@@ -1032,7 +1072,7 @@ class Store:
             self._release_downstream(connection, task_uuid)
             if write is not None:
                 write(connection)
-            return _task(changed)
+            return _task(row)
 
     def _notify_work(self, connection: Connection) -> None:
         # Delivered at commit, and only then: a listener never wakes for work it cannot see.
