@@ -186,7 +186,8 @@ class RetryPolicy:
 
     def backoff_s(self, retry_number: int, unit_random: float) -> float:
         """Seconds to wait before retry ``retry_number`` (1-based); ``unit_random`` in [0, 1)."""
-        exponent = min(retry_number - 1, 62)
+        # 2.0**1023 is the largest power of two a float holds; past it the cap rules anyway.
+        exponent = min(retry_number - 1, 1023)
         ceiling = min(self.backoff_cap_s, self.backoff_base_s * (2.0**exponent))
         return ceiling * (1.0 - self.jitter) + ceiling * self.jitter * unit_random
 

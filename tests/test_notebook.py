@@ -33,7 +33,8 @@ def test_quickstart_notebook_runs_clean(tmp_path: Path, monkeypatch: pytest.Monk
         str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs
     )
     word_count_cell = next(c for c in notebook.cells if "the quick brown fox" in c.source)
-    assert word_count_cell.outputs[0]["data"]["text/plain"] == "9"
+    [result] = [o for o in word_count_cell.outputs if o.output_type == "execute_result"]
+    assert result["data"]["text/plain"] == "9"
     assert "CUDA_VISIBLE_DEVICES=0" in text
     assert "2470" in text  # sum of squares below 20
     assert "dead" in text

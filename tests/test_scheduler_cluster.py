@@ -72,7 +72,9 @@ def peak_usage(store: Store, tasks: list[Task]) -> dict[str, dict[str, float]]:
     events: dict[str, list[tuple[datetime, int, dict[str, float]]]] = defaultdict(list)
     for task in tasks:
         for attempt in store.attempts(task.id):
-            assert attempt.node_id and attempt.started_at and attempt.finished_at
+            if attempt.started_at is None:
+                continue  # leased but never started (its lease ran out first): it never ran
+            assert attempt.node_id and attempt.finished_at
             demand = task.resources.as_dict()
             # Ends sort before starts at the same instant: a slot freed and taken at once.
             events[attempt.node_id].append((attempt.started_at, 1, demand))

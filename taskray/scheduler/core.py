@@ -144,6 +144,7 @@ class Scheduler:
         now = self.store.now()
         live = self.store.live_tasks()
         report.timed_out = self._enforce_timeouts(live, now)
+        self._hold_pending_leases(live, now)
         self._stop_orphans(live)
         if time.monotonic() - self._reaped_at >= self.config.reap_interval_s:
             report.reaped = len(self.store.reap())
@@ -218,6 +219,28 @@ class Scheduler:
                 self.store.fail(dispatched.task_id, dispatched.lease_id, ray_error, retryable=True)
         self.totals["finished"] += len(ended)
         return len(ended)
+
+    def _hold_pending_leases(self, live: list[Task], now: datetime) -> None:
+        """Renew the leases of tasks dispatched but not started yet.
+
+        Until its executor starts (and heartbeats), a task waits in Ray for a worker, which
+        can take seconds on a busy node; the scheduler vouches for it meanwhile, so its
+        lease does not run out and get it reaped and run twice.
+        """
+        renew_before = now + timedelta(seconds=self.config.lease_ttl_s / 2)
+        for task in live:
+            dispatched = self.in_flight.get(task.id)
+            if (
+                task.status is TaskState.LEASED
+                and dispatched is not None
+                and dispatched.lease_id == task.lease_id
+                and task.lease_expires_at is not None
+                and task.lease_expires_at < renew_before
+            ):
+                with contextlib.suppress(LeaseLostError):
+                    self.store.heartbeat(
+                        task.id, dispatched.lease_id, ttl_s=self.config.lease_ttl_s
+                    )
 
     def _enforce_timeouts(self, live: list[Task], now: datetime) -> int:
         count = 0
