@@ -34,7 +34,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 dlq_app = typer.Typer(help="The dead-letter queue.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(help="API keys of the REST API.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 DatabaseOption = Annotated[
@@ -202,6 +204,96 @@ def dlq_purge(
     with _store(database_url) as store:
         count = store.purge(task_ids) if task_ids else store.purge(queue=queue)
     console.print(f"purged {count} task(s)")
+
+
+@app.command()
+def api(
+    database_url: DatabaseOption = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth", help="Serve without API keys, as the default tenant (local use only)."
+        ),
+    ] = False,
+) -> None:
+    """Serve the REST API with uvicorn."""
+    import uvicorn
+
+    from api import Settings, create_app
+
+    url = database_url or default_database_url()
+    settings = Settings(database_url=url, auth_enabled=not no_auth)
+    if no_auth:
+        typer.echo("taskray: serving WITHOUT authentication (--no-auth)", err=True)
+    with _errors():
+        # access_log off: the request line is harmless, but an operator's proxy may put a
+        # key in a query string by mistake; nothing here should ever write it down.
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=False)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
+    name: Annotated[str, typer.Option(help="A name to recognise the key by.")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", help="submit, read or admin; repeatable.")
+    ] = ["submit", "read"],  # noqa: B006 - typer copies option defaults
+    database_url: DatabaseOption = None,
+) -> None:
+    """Create an API key; its secret is printed once, here, and never again."""
+    with _store(database_url) as store:
+        key, secret = store.create_key(tenant, name, scope)
+    typer.echo(f"key {key.id} for tenant {key.tenant} ({', '.join(key.scopes)})", err=True)
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    database_url: DatabaseOption = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    include_revoked: Annotated[bool, typer.Option("--all", help="Revoked keys too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List API keys (never their secrets: only hashes are stored)."""
+    with _store(database_url) as store:
+        keys = store.list_keys(tenant=tenant, include_revoked=include_revoked)
+    rows = [
+        {
+            "id": str(k.id),
+            "tenant": k.tenant,
+            "name": k.name,
+            "scopes": list(k.scopes),
+            "created_at": k.created_at.isoformat(),
+            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+        }
+        for k in keys
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"API keys ({len(rows)})")
+    for column in ("id", "tenant", "name", "scopes", "created", "revoked"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            str(row["tenant"]),
+            str(row["name"]),
+            ",".join(row["scopes"]),  # type: ignore[arg-type]
+            str(row["created_at"]),
+            str(row["revoked_at"] or ""),
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, database_url: DatabaseOption = None) -> None:
+    """Revoke an API key; requests with it are refused from now on."""
+    with _store(database_url) as store:
+        key = store.revoke_key(key_id)
+    console.print(f"revoked key {key.id} of tenant {key.tenant}")
 
 
 def main() -> None:

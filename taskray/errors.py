@@ -108,3 +108,15 @@ class TaskFailedError(TaskrayError):
             else f"{message}\n\nRemote traceback:\n{remote_traceback}"
         )
         super().__init__(text, task_id=task_id, status=status)
+
+
+class InvalidArgumentError(TaskrayError, ValueError):
+    """An argument is invalid (a filter, a cursor, a scope)."""
+
+
+class AuthenticationError(TaskrayError):
+    """A valid API key is needed: send it as `Authorization: Bearer <key>`."""
+
+
+class PermissionDeniedError(TaskrayError):
+    """This API key lacks the scope this operation needs."""

@@ -2,16 +2,22 @@
 
 from taskray.store.engine import create_engine, default_database_url, migrate
 from taskray.store.store import (
+    API_SCOPES,
     DEFAULT_LEASE_TTL_S,
+    ApiKey,
     Clock,
     DatabaseClock,
     Leadership,
+    QueueStats,
     Store,
     TransactionalWrite,
 )
 
 __all__ = [
+    "API_SCOPES",
     "DEFAULT_LEASE_TTL_S",
+    "ApiKey",
+    "QueueStats",
     "Clock",
     "DatabaseClock",
     "Leadership",

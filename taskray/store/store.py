@@ -13,12 +13,14 @@ transaction takes the single write lock up front (``BEGIN IMMEDIATE``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import secrets
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +33,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from taskray.errors import (
     CycleError,
+    InvalidArgumentError,
     InvalidStateError,
     InvalidTaskError,
     LeaseLostError,
@@ -56,6 +59,7 @@ from taskray.models import (
 )
 from taskray.store import engine as engines
 from taskray.store.tables import (
+    api_keys,
     leader_leases,
     task_attempts,
     task_edges,
@@ -98,6 +102,64 @@ class Leadership:
     holder: str
     epoch: int
     expires_at: datetime
+
+
+#: What an API key may do; ``admin`` implies the others.
+API_SCOPES = ("submit", "read", "admin")
+#: Marks a taskray secret, so that secret scanners and people recognise a leaked one.
+API_KEY_PREFIX = "trk_"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as stored: never the secret, only who it belongs to and what it may do."""
+
+    id: uuid.UUID
+    tenant: str
+    name: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One queue of one tenant at one moment."""
+
+    queue: str
+    #: Tasks per state, and per (state, priority) for the states that wait or run.
+    by_state: dict[str, int]
+    by_state_priority: list[tuple[str, int, int]]
+    #: Seconds the longest-waiting ready task (queued and due) has waited; None if none.
+    oldest_ready_age_s: float | None
+    #: Tasks that reached each terminal state within the window.
+    finished_in_window: dict[str, int]
+    window_s: float
+
+
+def _aggregate_datetime(value: datetime | str) -> datetime:
+    """A raw aggregate (min/max) skips the column type's processing on SQLite."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _api_key(row: RowMapping) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        scopes=tuple(row["scopes"] or ()),
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
 
 
 def _task(row: RowMapping) -> Task:
@@ -334,6 +396,12 @@ class Store:
         try:
             with self.engine.begin() as connection:
                 yield connection, self.clock.now(connection)
+        except sa.exc.DataError as exc:
+            # A value the database cannot hold (PostgreSQL refuses NUL characters in text
+            # and JSON): bad input, told as such, never an internal error.
+            raise InvalidTaskError(
+                f"the store cannot hold a value given ({type(exc.orig).__name__})"
+            ) from None
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             # The driver's message can name the server; say only what kind of failure it was.
             raise StoreUnavailableError(
@@ -678,16 +746,110 @@ class Store:
         tenant: str | None = None,
         queue: str | None = None,
         status: TaskState | None = None,
+        task_type: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
+        after: tuple[datetime, uuid.UUID] | None = None,
         limit: int = 100,
     ) -> list[Task]:
+        """Tasks in creation order, filtered; every label given must match.
+
+        ``after`` is a keyset cursor, the (created_at, id) of the last task of the previous
+        page: a page costs an index range scan however deep it is, and tasks submitted
+        meanwhile neither shift nor repeat the pages (a batch shares one created_at, so
+        the id breaks ties).
+        """
         query = sa.select(tasks).order_by(tasks.c.created_at, tasks.c.id).limit(limit)
-        for column, value in ((tasks.c.tenant, tenant), (tasks.c.queue, queue)):
+        for column, value in (
+            (tasks.c.tenant, tenant),
+            (tasks.c.queue, queue),
+            (tasks.c.type, task_type),
+        ):
             if value is not None:
                 query = query.where(column == value)
         if status is not None:
             query = query.where(tasks.c.status == status.value)
+        for key, value in (labels or {}).items():
+            query = query.where(tasks.c.labels[key].as_string() == value)
+        if created_from is not None:
+            query = query.where(tasks.c.created_at >= created_from)
+        if created_before is not None:
+            query = query.where(tasks.c.created_at < created_before)
+        if after is not None:
+            at, last_id = after
+            query = query.where(
+                sa.or_(
+                    tasks.c.created_at > at,
+                    sa.and_(tasks.c.created_at == at, tasks.c.id > last_id),
+                )
+            )
         with self.transaction() as (connection, _):
             return [_task(r) for r in connection.execute(query).mappings()]
+
+    def queue_stats(
+        self, *, tenant: str | None = None, queue: str | None = None, window_s: float = 300.0
+    ) -> list[QueueStats]:
+        """Depth by state and priority, oldest ready age and recent completions, per queue."""
+        if not 0 < window_s <= 7 * 86400:
+            raise InvalidArgumentError(f"window must be within (0, 7 days], got {window_s}s")
+
+        def scoped(query: sa.Select[Any]) -> sa.Select[Any]:
+            if tenant is not None:
+                query = query.where(tasks.c.tenant == tenant)
+            if queue is not None:
+                query = query.where(tasks.c.queue == queue)
+            return query
+
+        terminal = [s.value for s in TaskState if s.is_terminal]
+        with self.transaction() as (connection, now):
+            depth = connection.execute(
+                scoped(
+                    sa.select(tasks.c.queue, tasks.c.status, tasks.c.priority, sa.func.count())
+                ).group_by(tasks.c.queue, tasks.c.status, tasks.c.priority)
+            ).all()
+            oldest = connection.execute(
+                scoped(
+                    sa.select(tasks.c.queue, sa.func.min(tasks.c.scheduled_at)).where(
+                        tasks.c.status == TaskState.QUEUED.value, tasks.c.scheduled_at <= now
+                    )
+                ).group_by(tasks.c.queue)
+            ).all()
+            finished = connection.execute(
+                scoped(
+                    sa.select(tasks.c.queue, tasks.c.status, sa.func.count()).where(
+                        tasks.c.status.in_(terminal),
+                        tasks.c.completed_at >= now - timedelta(seconds=window_s),
+                    )
+                ).group_by(tasks.c.queue, tasks.c.status)
+            ).all()
+        # min() over a UTCDateTime column comes back untyped on SQLite.
+        oldest_at = {q: _aggregate_datetime(at) for q, at in oldest}
+        stats: dict[str, QueueStats] = {}
+
+        def entry(name: str) -> QueueStats:
+            if name not in stats:
+                at = oldest_at.get(name)
+                stats[name] = QueueStats(
+                    queue=name,
+                    by_state={},
+                    by_state_priority=[],
+                    oldest_ready_age_s=None if at is None else max(0.0, (now - at).total_seconds()),
+                    finished_in_window={},
+                    window_s=window_s,
+                )
+            return stats[name]
+
+        for name, state, priority, count in depth:
+            item = entry(name)
+            item.by_state[state] = item.by_state.get(state, 0) + count
+            if state not in terminal:
+                item.by_state_priority.append((state, priority, count))
+        for name, state, count in finished:
+            entry(name).finished_in_window[state] = count
+        for item in stats.values():
+            item.by_state_priority.sort(key=lambda t: (t[0], -t[1]))
+        return [stats[name] for name in sorted(stats)]
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -1410,6 +1572,85 @@ class Store:
         if blob is None:
             raise UnknownTaskError([f"function {digest}"])
         return bytes(blob)
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    def create_key(self, tenant: str, name: str, scopes: Sequence[str]) -> tuple[ApiKey, str]:
+        """A new key and its secret. The secret is returned here once and never stored."""
+        chosen = tuple(dict.fromkeys(scopes))
+        unknown = [s for s in chosen if s not in API_SCOPES]
+        if not chosen or unknown:
+            raise InvalidArgumentError(
+                f"scopes must be some of {', '.join(API_SCOPES)}; got {list(chosen)}"
+            )
+        for label, value in (("tenant", tenant), ("name", name)):
+            if not value or len(value) > 200:
+                raise InvalidArgumentError(f"{label} must be 1-200 characters")
+        secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = uuid.uuid4()
+        with self.transaction() as (connection, now):
+            connection.execute(
+                sa.insert(api_keys).values(
+                    id=key_id,
+                    tenant=tenant,
+                    name=name,
+                    scopes=list(chosen),
+                    key_hash=_hash_secret(secret),
+                    created_at=now,
+                    revoked_at=None,
+                )
+            )
+        return ApiKey(key_id, tenant, name, chosen, now, None), secret
+
+    def list_keys(
+        self, *, tenant: str | None = None, include_revoked: bool = False
+    ) -> list[ApiKey]:
+        query = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
+        if tenant is not None:
+            query = query.where(api_keys.c.tenant == tenant)
+        if not include_revoked:
+            query = query.where(api_keys.c.revoked_at.is_(None))
+        with self.transaction() as (connection, _):
+            return [_api_key(r) for r in connection.execute(query).mappings()]
+
+    def revoke_key(self, key_id: uuid.UUID | str) -> ApiKey:
+        """Revoke a key for good; revoking a revoked key changes nothing."""
+        try:
+            key_uuid = key_id if isinstance(key_id, uuid.UUID) else uuid.UUID(str(key_id))
+        except ValueError:
+            raise InvalidArgumentError(f"no API key {key_id!r}") from None
+        with self.transaction() as (connection, now):
+            connection.execute(
+                sa.update(api_keys)
+                .where(api_keys.c.id == key_uuid, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            row = (
+                connection.execute(sa.select(api_keys).where(api_keys.c.id == key_uuid))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise InvalidArgumentError(f"no API key {key_uuid}")
+        return _api_key(row)
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        """The live key whose secret this is, or None. The lookup is by hash, so the
+        secret itself never reaches SQL or a log."""
+        if not secret.startswith(API_KEY_PREFIX) or len(secret) > 200:
+            return None
+        with self.transaction() as (connection, _):
+            row = (
+                connection.execute(
+                    sa.select(api_keys).where(
+                        api_keys.c.key_hash == _hash_secret(secret),
+                        api_keys.c.revoked_at.is_(None),
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else _api_key(row)
 
     # -- leadership -------------------------------------------------------------------------
 

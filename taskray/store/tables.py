@@ -195,9 +195,26 @@ class TaskFunctionRow(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
 
 
+class ApiKeyRow(SQLModel, table=True):
+    """An API key of one tenant. Only the secret's sha256 is kept: a stolen table does
+    not let anyone call the API, and a lost secret cannot be shown again."""
+
+    __tablename__ = "api_keys"
+
+    id: uuid.UUID = Field(primary_key=True)
+    tenant: str = Field(max_length=200)
+    name: str = Field(max_length=200)
+    #: A list of scope names ("submit", "read", "admin").
+    scopes: Any = Field(sa_type=JSONType, nullable=False)
+    key_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    revoked_at: datetime | None = _ts()
+
+
 metadata = SQLModel.metadata
 tasks: sa.Table = metadata.tables["tasks"]
 task_edges: sa.Table = metadata.tables["task_edges"]
 task_attempts: sa.Table = metadata.tables["task_attempts"]
 leader_leases: sa.Table = metadata.tables["leader_leases"]
 task_functions: sa.Table = metadata.tables["task_functions"]
+api_keys: sa.Table = metadata.tables["api_keys"]
