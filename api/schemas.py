@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, field_validator
 
+from taskray import serialization
 from taskray.models import (
     DEFAULT_QUEUE,
     MAX_PRIORITY,
@@ -83,6 +84,23 @@ class TaskCreate(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     #: Client-side name of this task within a batch.
     key: Name | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _not_shipped_by_value(cls, value: str) -> str:
+        # Functions shipped by value are the Python SDK's, run from its own pickles.
+        if value.startswith(serialization.PICKLED_TYPE_PREFIX):
+            raise ValueError("task types shipped by value cannot be submitted over HTTP")
+        return value
+
+    @field_validator("payload")
+    @classmethod
+    def _plain_json(cls, value: JsonValue) -> JsonValue:
+        # Workers unpickle a pickled payload: accepting one over HTTP would let any key
+        # with the submit scope run arbitrary code on the cluster.
+        if serialization.is_pickled(value):
+            raise ValueError("pickled payloads are not accepted over HTTP; send plain JSON")
+        return value
 
     @field_validator("scheduled_at")
     @classmethod

@@ -281,6 +281,9 @@ def test_cycle_is_422_naming_it_and_writes_nothing(server: Server, admin: httpx.
         ({"type": "t", "depends_on": [str(uuid.uuid4())]}, 422),
         ({"type": "t", "key": "only-in-batches"}, 400),
         ({"type": "t", "scheduled_at": "0001-01-01T00:00:00+05:00"}, 422),
+        # Workers unpickle pickled payloads: never accepted from HTTP clients.
+        ({"type": "t", "payload": {"__taskray_pickle__": "gASVAAAAAAAAAAA="}}, 422),
+        ({"type": "pickled:f/" + "0" * 64}, 422),
     ],
 )
 def test_bad_input_is_a_4xx_problem_and_writes_nothing(
