@@ -104,12 +104,22 @@ def resolve(task_type: str, store: Store | None = None) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-class UpstreamNotReadyError(TaskrayError):
-    """An upstream task's result was asked for before that task succeeded."""
+class UpstreamNotReadyError(TaskrayError, NonRetryableError):
+    """The payload names a task whose result this task cannot have: not one of its
+    upstreams, or one that has not succeeded."""
 
 
-def upstream_results(store: Store) -> Callable[[uuid.UUID], Any]:
+def upstream_results(store: Store, task: Task) -> Callable[[uuid.UUID], Any]:
+    """Results of the task's own upstreams, and of no other task: a payload naming any other
+    task (another tenant's, say) gets nothing."""
+    allowed: set[uuid.UUID] | None = None
+
     def result_of(task_id: uuid.UUID) -> Any:
+        nonlocal allowed
+        if allowed is None:
+            allowed = set(store.upstreams(task.id))
+        if task_id not in allowed:
+            raise UpstreamNotReadyError(f"task {task_id} is not an upstream of this task")
         upstream = store.get(task_id)
         if upstream.status is not TaskState.SUCCEEDED:
             raise UpstreamNotReadyError(f"upstream task {task_id} is {upstream.status.value}")
@@ -213,7 +223,7 @@ def execute(
     try:
         try:
             handler = resolve(task.type, store)
-            args, kwargs = serialization.decode_call(task.payload, upstream_results(store))
+            args, kwargs = serialization.decode_call(task.payload, upstream_results(store, task))
             outcome = handler(*args, **kwargs)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"

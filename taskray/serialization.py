@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from taskray.errors import InvalidTaskError
 
 #: The key under which a pickled value travels in a JSON column.
 PICKLE_KEY = "__taskray_pickle__"
+#: In a plain-JSON payload, ``{UPSTREAM_KEY: "<task id>"}`` stands for an upstream's result.
+UPSTREAM_KEY = "__taskray_upstream__"
 #: Task types of functions shipped by value start with this prefix.
 PICKLED_TYPE_PREFIX = "pickled:"
 
@@ -71,8 +74,40 @@ def decode_call(
         args, kwargs = from_json(payload)
         return substitute(args, upstream), substitute(kwargs, upstream)
     if isinstance(payload, dict) and payload and set(payload) <= {"args", "kwargs"}:
-        return list(payload.get("args") or []), dict(payload.get("kwargs") or {})
+        args = _substitute_json(list(payload.get("args") or []), upstream)
+        kwargs = _substitute_json(dict(payload.get("kwargs") or {}), upstream)
+        return args, kwargs
     return ([] if payload is None else [payload]), {}
+
+
+def encode_json_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call as plain JSON (for clients of the REST API, which never sends pickles)."""
+    document = {"args": _upstreams_as_json(list(args)), "kwargs": _upstreams_as_json(kwargs)}
+    try:
+        json.dumps(document, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTaskError(f"over the REST API, arguments must be JSON: {exc}") from None
+    return document
+
+
+def _upstreams_as_json(value: Any) -> Any:
+    if isinstance(value, UpstreamResult):
+        return {UPSTREAM_KEY: str(value.task_id)}
+    if isinstance(value, list | tuple):
+        return [_upstreams_as_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _upstreams_as_json(v) for k, v in value.items()}
+    return value
+
+
+def _substitute_json(value: Any, upstream: Callable[[uuid.UUID], Any]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {UPSTREAM_KEY}:
+            return upstream(uuid.UUID(str(value[UPSTREAM_KEY])))
+        return {k: _substitute_json(v, upstream) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_json(v, upstream) for v in value]
+    return value
 
 
 def substitute(value: Any, upstream: Callable[[uuid.UUID], Any]) -> Any:

@@ -33,7 +33,7 @@ def count_tasks(rt: runtime.Runtime) -> int:
 def test_init_is_idempotent_and_remote_mode_says_what_it_needs(embedded: runtime.Runtime) -> None:
     assert taskray.init() is embedded
     assert taskray.is_initialized()
-    with pytest.raises(taskray.RemoteModeUnavailableError):
+    with pytest.raises(taskray.InvalidTaskError, match="already initialised"):
         taskray.init(url="http://127.0.0.1:8000", api_key="secret")
 
 

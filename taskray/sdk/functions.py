@@ -125,10 +125,16 @@ def build_spec(
             raise InvalidTaskError(f"worker must be 'fresh' or 'reuse', got {options.worker!r}")
         metadata[WORKER_METADATA_KEY] = options.worker
     resources = options.resource_request()
-    _check_fits_somewhere(resources)
+    rt = runtime.current()
+    if rt.remote:
+        # The API never accepts pickles (workers would unpickle them): JSON only.
+        payload: Any = serialization.encode_json_call(call_args, call_kwargs)
+    else:
+        _check_fits_somewhere(resources)
+        payload = serialization.encode_call(call_args, call_kwargs)
     return TaskSpec(
         type=task_type,
-        payload=serialization.encode_call(call_args, call_kwargs),
+        payload=payload,
         queue=options.queue,
         tenant=options.tenant,
         priority=options.priority,

@@ -14,7 +14,6 @@ from taskray import serialization
 from taskray.errors import GetTimeoutError, TaskFailedError
 from taskray.models import Attempt, Task, TaskState
 from taskray.sdk import runtime
-from taskray.store import Store
 
 
 class TaskHandle:
@@ -122,7 +121,7 @@ def render_html(handles: Sequence[TaskHandle]) -> str:
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _failure(store: Store, task: Task) -> TaskFailedError:
+def _failure(store: runtime.TaskBackend, task: Task) -> TaskFailedError:
     traceback = None
     attempts = store.attempts(task.id)
     if attempts:
@@ -139,7 +138,7 @@ def _failure(store: Store, task: Task) -> TaskFailedError:
 
 
 def _finished(
-    store: Store,
+    store: runtime.TaskBackend,
     ids: list[uuid.UUID],
     num_returns: int,
     timeout: float | None,

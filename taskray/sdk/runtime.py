@@ -4,29 +4,48 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
 from taskray.errors import InvalidTaskError, NotInitializedError, RemoteModeUnavailableError
+from taskray.models import Attempt, SubmitResult, Task, TaskSpec
 from taskray.scheduler.actor import SCHEDULER_NAME, start_scheduler, stop_scheduler
 from taskray.scheduler.core import SchedulerConfig
+from taskray.sdk.remote import RemoteBackend
 from taskray.store import Store, default_database_url
 from taskray.store.engine import normalise_url, redacted
 
 log = logging.getLogger(__name__)
 
 
+class TaskBackend(Protocol):
+    """What the SDK needs of a store: the store itself, or the REST API in remote mode."""
+
+    def submit_many(self, specs: Iterable[TaskSpec]) -> list[SubmitResult]: ...
+    def get(self, task_id: uuid.UUID | str) -> Task: ...
+    def get_many(self, task_ids: Iterable[uuid.UUID | str]) -> list[Task]: ...
+    def attempts(self, task_id: uuid.UUID | str) -> list[Attempt]: ...
+    def cancel(self, task_id: uuid.UUID | str) -> Task: ...
+    def upstreams(self, task_id: uuid.UUID | str) -> Sequence[uuid.UUID]: ...
+    def put_function(self, digest: str, name: str, blob: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class Runtime:
     """What ``init`` connected to, and what it started (so ``shutdown`` stops only that)."""
 
-    store: Store
+    store: TaskBackend
     database_url: str
     started_ray: bool
     scheduler: Any | None
     scheduler_name: str
+    #: Remote mode: the REST API stands between the SDK and the store (JSON only).
+    remote: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -63,15 +82,13 @@ def init(
 
     With no arguments: the embedded default, a local Ray, a SQLite database under your
     data directory (``TASKRAY_DATABASE_URL`` overrides it) and the scheduler actor in that
-    Ray. ``database_url`` and ``ray_address`` join a cluster. Calling ``init`` again
-    returns the runtime already running.
+    Ray. ``url`` and ``api_key`` talk to a taskray REST API instead (remote mode: tasks by
+    name, JSON arguments). ``database_url`` and ``ray_address`` join a cluster. Calling
+    ``init`` again returns the runtime already running.
     """
     global _runtime
     if url is not None or api_key is not None:
-        raise RemoteModeUnavailableError(
-            "remote mode (init(url=..., api_key=...)) needs the taskray REST API, which this "
-            "version does not ship yet; connect with database_url=... and ray_address=..."
-        )
+        return _init_remote(url, api_key)
     with _lock:
         if _runtime is not None:
             if database_url is not None and normalise_url(database_url) != normalise_url(
@@ -124,6 +141,25 @@ def init(
             raise
         _runtime = Runtime(store, database_url, started_ray, scheduler, SCHEDULER_NAME)
         log.info("taskray connected to %s", redacted(database_url))
+        return _runtime
+
+
+def _init_remote(url: str | None, api_key: str | None) -> Runtime:
+    global _runtime
+    if not url or not api_key:
+        raise RemoteModeUnavailableError("remote mode needs both url=... and api_key=...")
+    with _lock:
+        if _runtime is not None:
+            if _runtime.remote and _runtime.database_url == url:
+                return _runtime
+            raise InvalidTaskError("taskray is already initialised; call taskray.shutdown() first")
+        backend = RemoteBackend(url, api_key)
+        try:
+            backend.check()
+        except BaseException:
+            backend.close()
+            raise
+        _runtime = Runtime(backend, url, False, None, SCHEDULER_NAME, remote=True)
         return _runtime
 
 
