@@ -536,3 +536,31 @@ def test_a_fresh_acquisition_by_the_same_holder_fences_its_predecessor(store: St
     with pytest.raises(NotLeaderError):
         store.lease([LeaseRequest(task.id, "n")], epoch=first)
     assert store.lease([LeaseRequest(task.id, "n")], epoch=again)[0].task.epoch == again
+
+
+def test_a_batch_key_does_not_reach_another_tenants_task(store: Store) -> None:
+    with pytest.raises(UnknownTaskError):
+        store.submit_many(
+            [
+                make_spec(tenant="acme", key="good"),
+                make_spec(tenant="umbrella", depends_on=["good"]),
+            ]
+        )
+    assert total(store) == 0
+
+
+def test_a_key_repeated_in_a_batch_goes_to_the_first_spec_in_batch_order(store: Store) -> None:
+    # The first spec depends on the second, so dependency order alone would put the
+    # second first; the repeat must still return the first spec's task.
+    results = store.submit_many(
+        [
+            make_spec(key="reader", depends_on=["second"]),
+            make_spec(key="first", idempotency_key="k", payload="first"),
+            make_spec(key="second", idempotency_key="k", payload="second"),
+        ]
+    )
+    first, second = results[1], results[2]
+    assert not first.deduplicated and first.task.payload == "first"
+    assert second.deduplicated and second.task.id == first.task.id
+    assert store.upstreams(results[0].task.id) == [first.task.id]
+    assert total(store) == 2

@@ -454,6 +454,9 @@ class Store:
             ups_external: list[uuid.UUID] = []
             for dep in spec.depends_on:
                 if isinstance(dep, str) and dep in keys:
+                    if batch[keys[dep]].tenant != spec.tenant:
+                        # As with stored ids: another tenant's task is not there to see.
+                        raise UnknownTaskError([dep])
                     ups_internal.append(keys[dep])
                 else:
                     ups_external.append(_as_uuid(dep))
@@ -462,7 +465,22 @@ class Store:
         cycle = _find_cycle(len(batch), internal)
         if cycle is not None:
             raise CycleError([batch[i].key or f"#{i}:{batch[i].type}" for i in cycle])
-        order = _topological_order(len(batch), internal)
+        # A key repeated within the batch goes to its first spec in batch order ("a repeat
+        # returns the first task"): order each repeat after that first spec.
+        first_with_key: dict[tuple[str, str], int] = {}
+        ordering = [list(ups) for ups in internal]
+        for index, spec in enumerate(batch):
+            if spec.idempotency_key:
+                first = first_with_key.setdefault((spec.tenant, spec.idempotency_key), index)
+                if first != index:
+                    ordering[index].append(first)
+        cycle = _find_cycle(len(batch), ordering)
+        if cycle is not None:
+            raise CycleError(
+                [batch[i].key or f"#{i}:{batch[i].type}" for i in cycle]
+                + ["(a repeated idempotency key makes a task depend on itself)"]
+            )
+        order = _topological_order(len(batch), ordering)
         # Two submitters racing on one idempotency key: the loser's insert hits the unique
         # index; trying again finds the winner's task and returns it as a repeat.
         for round_ in range(3):
