@@ -47,10 +47,15 @@ def _schedulable(resources: Mapping[str, float]) -> dict[str, float]:
 def read_nodes(
     used_by_taskray: Mapping[str, Mapping[str, float]],
     releases: Mapping[str, Sequence[Release]] | None = None,
+    recently_released: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[NodeView]:
     """Alive nodes with what is free on each: the lesser of Ray's own view and the node's
     total less what taskray has leased there (Ray's view lags what was just dispatched).
-    ``releases`` says what running tasks will give back by when, per node."""
+
+    Ray's view also lags what just ended: ``recently_released`` (per node, what taskray's
+    tasks gave back in the last moment) counts as free on Ray's side too, so a freed GPU
+    is used at once rather than a pass later. ``releases`` says what running tasks will
+    give back by when, per node."""
     try:
         available = ray._private.state.available_resources_per_node()  # type: ignore[no-untyped-call]
     except Exception:  # a private API: fall back to totals and the ledger alone
@@ -68,7 +73,11 @@ def read_nodes(
         for name, amount in total.items():
             by_ledger = amount - used.get(name, 0.0)
             # Ray leaves out resources that are at zero: absent means none free.
-            by_ray = ray_free.get(name, 0.0) if ray_free is not None else by_ledger
+            by_ray = (
+                ray_free.get(name, 0.0) + (recently_released or {}).get(node_id, {}).get(name, 0.0)
+                if ray_free is not None
+                else by_ledger
+            )
             free[name] = max(0.0, min(by_ledger, by_ray))
         labels = {k: str(v) for k, v in (node.get("Labels") or {}).items()}
         views.append(
@@ -101,6 +110,8 @@ class Dispatched:
     lease_id: uuid.UUID
     node_id: str
     ref: Any
+    #: What it holds on its node, in Ray's names.
+    resources: dict[str, float] = field(default_factory=dict)
     #: Set when the scheduler cancelled it (timeout, cancel); its end is then expected.
     stopped_because: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +142,13 @@ def dispatch(
     ref = remote.options(**options).remote(
         database_url, str(task.id), str(lease_id), heartbeat_interval_s, lease_ttl_s
     )
-    return Dispatched(task_id=task.id, lease_id=lease_id, node_id=node_id, ref=ref)
+    return Dispatched(
+        task_id=task.id,
+        lease_id=lease_id,
+        node_id=node_id,
+        ref=ref,
+        resources=task.resources.as_dict(),
+    )
 
 
 def finished(in_flight: Sequence[Dispatched], timeout_s: float) -> list[Dispatched]:
@@ -139,7 +156,10 @@ def finished(in_flight: Sequence[Dispatched], timeout_s: float) -> list[Dispatch
     if not in_flight:
         return []
     by_ref = {d.ref: d for d in in_flight}
-    ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout_s)
+    # Return at the first end (not after the timeout), then take whatever else has ended.
+    ready, rest = ray.wait(list(by_ref), num_returns=1, timeout=timeout_s)
+    if ready and rest:
+        ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
     return [by_ref[ref] for ref in ready]
 
 

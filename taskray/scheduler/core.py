@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -35,6 +35,9 @@ from taskray.store import Store
 log = logging.getLogger(__name__)
 
 Placer = Callable[[PlacementRequest], PlacementPlan]
+#: How long Ray's per-node view may take to show what a finished task gave back (measured
+#: under a second here); within it, taskray counts such resources free on Ray's side too.
+RAY_VIEW_LAG_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,9 @@ class Scheduler:
         self._next_due: datetime | None = None
         self.last_report = TickReport()
         self.totals: dict[str, int] = defaultdict(int)
+        #: (monotonic time, node, resources) of tasks that just ended: Ray's view of the
+        #: node shows them free only a little later.
+        self._released: deque[tuple[float, str, dict[str, float]]] = deque()
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -153,7 +159,9 @@ class Scheduler:
                 live = self.store.live_tasks()
         ready = self.store.candidates(self.config.window, queues=self.config.queues)
         if ready:
-            nodes = cluster.read_nodes(_usage_by_node(live), _releases_by_node(live))
+            nodes = cluster.read_nodes(
+                _usage_by_node(live), _releases_by_node(live), self._recently_released()
+            )
             report.dispatched, plan = self._place_and_dispatch(ready, nodes, now)
             report.waiting = len(plan.waiting)
             report.infeasible = list(plan.infeasible)
@@ -209,6 +217,7 @@ class Scheduler:
         ended = cluster.finished(list(self.in_flight.values()), timeout_s)
         for dispatched in ended:
             self.in_flight.pop(dispatched.task_id, None)
+            self._released.append((time.monotonic(), dispatched.node_id, dispatched.resources))
             _reported, ray_error = cluster.outcome(dispatched)
             if ray_error is None or dispatched.stopped_because is not None:
                 continue
@@ -241,6 +250,16 @@ class Scheduler:
                     self.store.heartbeat(
                         task.id, dispatched.lease_id, ttl_s=self.config.lease_ttl_s
                     )
+
+    def _recently_released(self) -> dict[str, dict[str, float]]:
+        horizon = time.monotonic() - RAY_VIEW_LAG_S
+        while self._released and self._released[0][0] < horizon:
+            self._released.popleft()
+        released: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for _when, node_id, resources in self._released:
+            for name, amount in resources.items():
+                released[node_id][name] += amount
+        return released
 
     def _enforce_timeouts(self, live: list[Task], now: datetime) -> int:
         count = 0
@@ -302,6 +321,10 @@ class Scheduler:
                 if self.in_flight:
                     self._collect_finished(timeout_s=self.config.watch_interval_s)
                     listener.wait(0.0)
+                elif self.last_report.waiting:
+                    # Ready tasks found no room while nothing of ours runs: room held by Ray's
+                    # lagging view or by others' work frees up without any notification.
+                    listener.wait(self.config.watch_interval_s)
                 else:
                     listener.wait(self._idle_wait())
         finally:
