@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -37,14 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# Ray reads these when it is imported and when it starts: loopback only, token auth with a
-# random token of this run, and every Ray file (sockets, logs, session) in our own directory.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_AUTH_MODE"] = "token"
-os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
-os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="trb-ray-")
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+import bench.ray_env  # noqa: F401  (sets Ray's environment; must come before ray)
 
+# isort: split
 import ray
 
 from bench import handlers

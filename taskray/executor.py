@@ -178,7 +178,6 @@ class _Heartbeat(threading.Thread):
         self.store, self.task, self.lease_id = store, task, lease_id
         self.interval_s, self.ttl_s = interval_s, ttl_s
         self.stopped = threading.Event()
-        self.lost = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
@@ -188,7 +187,6 @@ class _Heartbeat(threading.Thread):
                 log.warning(
                     "task %s lost its lease; its result will not be committed", self.task.id
                 )
-                self.lost.set()
                 return
             except StoreUnavailableError:
                 log.warning(

@@ -15,11 +15,13 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cloudpickle
 
 from taskray.errors import InvalidTaskError
+
+T = TypeVar("T")
 
 #: The key under which a pickled value travels in a JSON column.
 PICKLE_KEY = "__taskray_pickle__"
@@ -82,7 +84,10 @@ def decode_call(
 
 def encode_json_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """A call as plain JSON (for clients of the REST API, which never sends pickles)."""
-    document = {"args": _upstreams_as_json(list(args)), "kwargs": _upstreams_as_json(kwargs)}
+    document = {
+        "args": replace_instances(list(args), UpstreamResult, _upstream_as_json),
+        "kwargs": replace_instances(kwargs, UpstreamResult, _upstream_as_json),
+    }
     try:
         json.dumps(document, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -90,14 +95,8 @@ def encode_json_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str,
     return document
 
 
-def _upstreams_as_json(value: Any) -> Any:
-    if isinstance(value, UpstreamResult):
-        return {UPSTREAM_KEY: str(value.task_id)}
-    if isinstance(value, list | tuple):
-        return [_upstreams_as_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _upstreams_as_json(v) for k, v in value.items()}
-    return value
+def _upstream_as_json(marker: UpstreamResult) -> dict[str, str]:
+    return {UPSTREAM_KEY: str(marker.task_id)}
 
 
 def _substitute_json(value: Any, upstream: Callable[[uuid.UUID], Any]) -> Any:
@@ -110,17 +109,23 @@ def _substitute_json(value: Any, upstream: Callable[[uuid.UUID], Any]) -> Any:
     return value
 
 
+def replace_instances(value: Any, kind: type[T], replace: Callable[[T], Any]) -> Any:
+    """``value`` rebuilt with ``replace(x)`` for every ``kind`` instance ``x`` inside its
+    lists, tuples and dicts (the places a call's arguments can hold handles)."""
+    if isinstance(value, kind):
+        return replace(value)
+    if isinstance(value, list):
+        return [replace_instances(v, kind, replace) for v in value]
+    if isinstance(value, tuple):
+        return tuple(replace_instances(v, kind, replace) for v in value)
+    if isinstance(value, dict):
+        return {k: replace_instances(v, kind, replace) for k, v in value.items()}
+    return value
+
+
 def substitute(value: Any, upstream: Callable[[uuid.UUID], Any]) -> Any:
     """``value`` with every ``UpstreamResult`` inside lists, tuples and dicts replaced."""
-    if isinstance(value, UpstreamResult):
-        return upstream(value.task_id)
-    if isinstance(value, list):
-        return [substitute(v, upstream) for v in value]
-    if isinstance(value, tuple):
-        return tuple(substitute(v, upstream) for v in value)
-    if isinstance(value, dict):
-        return {k: substitute(v, upstream) for k, v in value.items()}
-    return value
+    return replace_instances(value, UpstreamResult, lambda marker: upstream(marker.task_id))
 
 
 def function_digest(blob: bytes) -> str:

@@ -114,7 +114,6 @@ class Dispatched:
     resources: dict[str, float] = field(default_factory=dict)
     #: Set when the scheduler cancelled it (timeout, cancel); its end is then expected.
     stopped_because: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def dispatch(

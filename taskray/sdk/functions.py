@@ -78,16 +78,12 @@ class TaskOptions:
 
 def _collect_upstreams(value: Any, found: list[TaskHandle]) -> Any:
     """Replace handles inside ``value`` (lists, tuples, dicts) by upstream-result markers."""
-    if isinstance(value, TaskHandle):
-        found.append(value)
-        return serialization.UpstreamResult(value.id)
-    if isinstance(value, list):
-        return [_collect_upstreams(v, found) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_collect_upstreams(v, found) for v in value)
-    if isinstance(value, dict):
-        return {k: _collect_upstreams(v, found) for k, v in value.items()}
-    return value
+
+    def marker(handle: TaskHandle) -> serialization.UpstreamResult:
+        found.append(handle)
+        return serialization.UpstreamResult(handle.id)
+
+    return serialization.replace_instances(value, TaskHandle, marker)
 
 
 def _check_fits_somewhere(resources: Resources) -> None:
