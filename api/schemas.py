@@ -283,6 +283,55 @@ class TaskPage(BaseModel):
     next_cursor: str | None
 
 
+#: Most task ids one wait request may name.
+MAX_WAIT_IDS = 10_000
+#: Longest a wait request may be held, in seconds.
+MAX_WAIT_S = 60.0
+
+
+class TaskWait(BaseModel):
+    """Wait for tasks to finish (long poll): answered once ``num_returns`` of ``ids`` are
+    terminal (succeeded, dead, cancelled, upstream_failed), or when ``timeout`` runs out,
+    whichever comes first."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "ids": ["0b7e4f4e-8a8e-4bd0-9a54-0c0f5b0a9e11"],
+                    "num_returns": 1,
+                    "timeout": 10,
+                }
+            ]
+        },
+    )
+
+    ids: list[uuid.UUID] = Field(
+        min_length=1, max_length=MAX_WAIT_IDS, description="Task ids; a repeat counts once."
+    )
+    num_returns: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_WAIT_IDS,
+        description="How many must be terminal before the answer; default: all of them.",
+    )
+    timeout: float = Field(
+        default=10.0,
+        ge=0,
+        le=MAX_WAIT_S,
+        allow_inf_nan=False,
+        description="Seconds to wait at most; 0 reads once and answers at once.",
+    )
+
+
+class TasksFinished(BaseModel):
+    tasks: list[TaskPublic] = Field(
+        description="The terminal tasks among those asked, in the order asked (each once)."
+    )
+    pending: int = Field(description="How many of the distinct ids asked are not terminal yet.")
+
+
 class DeadLetterReplay(BaseModel):
     """Replay every dead task of the caller's tenant matching these filters."""
 

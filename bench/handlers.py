@@ -1,7 +1,10 @@
-"""Task handlers the benchmarks run on Ray workers (imported there as ``bench.handlers``).
+"""Task handlers the benchmarks run on Ray workers (imported there as ``bench.handlers``)
+and on Celery workers (registered by ``bench.celery_app``).
 
 The benchmarks put the repository root on the workers' ``PYTHONPATH`` through the
 job's ``runtime_env``, so ``bench.handlers:noop`` resolves as a taskray task type.
+Plain functions: each system wraps them its own way (``@ray.remote``, ``taskray.task``,
+``app.task``), so all run the same code.
 """
 
 from __future__ import annotations
@@ -11,8 +14,31 @@ import time
 from pathlib import Path
 
 
-def noop() -> None:
+def noop(item: object = None) -> None:
+    """Does nothing; takes one optional argument so that ``f.map(range(n))`` can call it."""
     return None
+
+
+def started_at(item: object = None) -> float:
+    """Returns this host's clock when the task started (pickup latency)."""
+    return time.time()
+
+
+def sleep_ms(ms: float = 10.0) -> None:
+    """Sleeps ``ms`` milliseconds (short tasks: how busy the CPUs are kept)."""
+    time.sleep(ms / 1000.0)
+
+
+def worker_pid(item: object = None) -> int:
+    """The pid of the process that runs the task (to profile one worker)."""
+    return os.getpid()
+
+
+def taskray_file(item: object = None) -> str:
+    """Where the worker imported taskray from (the bench checks it runs the code it means)."""
+    import taskray
+
+    return str(taskray.__file__)
 
 
 def timed_sleep(seconds: float) -> dict[str, float | int]:

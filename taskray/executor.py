@@ -1,24 +1,31 @@
-"""Runs one leased task on a worker node and commits its outcome under its lease.
+"""Runs leased tasks on a worker node and commits their outcomes under their leases.
 
-The scheduler dispatches :func:`execute` as a Ray task pinned to the node it
-chose. Here, on that node, the executor marks the task started, heartbeats
-its lease from a background thread, resolves the task type to a callable,
-runs it, and commits the result with ``complete`` or the error with ``fail``.
-Every write is fenced by the lease: a lost lease stops the commit and is
-logged, never applied.
+The scheduler dispatches :func:`execute_batch` as a Ray task pinned to the node
+it chose, holding the resources of one task: a *lane*. Here, on that node, the
+executor marks the lane's tasks started in one statement, keeps their leases
+alive from one thread per process, runs them back to back in this warm worker,
+and commits their outcomes in groups (``complete_many``/``fail_many``). Every
+write is fenced per row by its lease: a lost lease stops that task's commit and
+is reported, never applied, while the rest of the group commits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import importlib
 import logging
 import os
 import socket
+import sys
 import threading
+import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -31,7 +38,7 @@ from tenacity import (
 
 from taskray import serialization
 from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
-from taskray.models import Task, TaskState
+from taskray.models import Failure, Success, Task, TaskState
 from taskray.store import Store, TransactionalWrite
 
 log = logging.getLogger(__name__)
@@ -144,16 +151,32 @@ def is_retryable(error: BaseException, task: Task | None = None) -> bool:
 
 
 _stores: dict[str, Store] = {}
+_keepers: dict[tuple[str, float, float], _LeaseKeeper] = {}
 _stores_lock = threading.Lock()
+
+#: An executor process needs two connections: one for the lane it runs, one for the lease
+#: keeper. No pre-ping per checkout (a round trip per transaction): a dropped connection
+#: fails one transaction, which ``_with_retries`` runs again on a fresh one.
+_EXECUTOR_POOL: dict[str, Any] = {"pool_size": 1, "max_overflow": 1, "pool_pre_ping": False}
+#: Outcomes wait at most this long for the rest of their group before they are committed.
+COMMIT_GROUP_S = 0.002
+
+
+def _store_for(database_url: str) -> Store:
+    store = _stores.get(database_url)
+    if store is None:
+        options = None if database_url.startswith("sqlite") else _EXECUTOR_POOL
+        store = _stores[database_url] = Store.open(
+            database_url, migrate=False, engine_options=options
+        )
+    return store
 
 
 def store_for(database_url: str) -> Store:
-    """One store (and connection pool) per database per worker process, reused across tasks."""
+    """One store (and its small connection pool) per database per worker process, reused
+    by every lane the process runs."""
     with _stores_lock:
-        store = _stores.get(database_url)
-        if store is None:
-            store = _stores[database_url] = Store.open(database_url, migrate=False)
-        return store
+        return _store_for(database_url)
 
 
 def _with_retries(call: Callable[[], T]) -> T:
@@ -168,37 +191,259 @@ def _with_retries(call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-class _Heartbeat(threading.Thread):
-    """Extends the lease every ``interval_s`` until stopped or the lease is lost."""
+class _LeaseKeeper(threading.Thread):
+    """Extends the leases of every task this process holds, all in one statement per
+    interval: one thread per process, not one per task."""
 
-    def __init__(
-        self, store: Store, task: Task, lease_id: uuid.UUID, interval_s: float, ttl_s: float
-    ):
-        super().__init__(name=f"taskray-heartbeat-{task.id}", daemon=True)
-        self.store, self.task, self.lease_id = store, task, lease_id
-        self.interval_s, self.ttl_s = interval_s, ttl_s
-        self.stopped = threading.Event()
+    def __init__(self, store: Store, interval_s: float, ttl_s: float) -> None:
+        super().__init__(name="taskray-lease-keeper", daemon=True)
+        self.store, self.interval_s, self.ttl_s = store, interval_s, ttl_s
+        self._held: dict[uuid.UUID, uuid.UUID] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, leases: Iterable[tuple[uuid.UUID, uuid.UUID]]) -> None:
+        with self._lock:
+            self._held.update(leases)
+
+    def release(self, task_ids: Iterable[uuid.UUID]) -> None:
+        with self._lock:
+            for task_id in task_ids:
+                self._held.pop(task_id, None)
 
     def run(self) -> None:
-        while not self.stopped.wait(self.interval_s):
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                held = list(self._held.items())
+            if not held:
+                continue
             try:
-                self.store.heartbeat(self.task.id, self.lease_id, ttl_s=self.ttl_s)
-            except LeaseLostError:
+                renewed = self.store.heartbeat_many(held, ttl_s=self.ttl_s)
+            except Exception as exc:  # the keeper outlives any one failure, a dead store too
+                log.warning("heartbeat of %d lease(s) failed (%s); retrying", len(held), exc)
+                continue
+            if renewed.refused:
                 log.warning(
-                    "task %s lost its lease; its result will not be committed", self.task.id
+                    "%d task(s) lost their lease; their results will not be committed",
+                    len(renewed.refused),
                 )
-                return
-            except StoreUnavailableError:
-                log.warning(
-                    "heartbeat for task %s failed: store unreachable; retrying", self.task.id
-                )
+                self.release(renewed.refused)
 
-    def stop(self) -> None:
-        self.stopped.set()
+
+def lease_keeper(database_url: str, interval_s: float, ttl_s: float) -> _LeaseKeeper:
+    with _stores_lock:
+        key = (database_url, interval_s, ttl_s)
+        keeper = _keepers.get(key)
+        if keeper is None:
+            keeper = _keepers[key] = _LeaseKeeper(_store_for(database_url), interval_s, ttl_s)
+            keeper.start()
+        return keeper
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def free_gpu_memory() -> None:
+    """Give cached GPU memory back after a GPU task, so the next task in this warm process
+    (or any other process on the GPU) can have it. Only frameworks already imported by a
+    handler are touched; importing one here would cost seconds and memory."""
+    gc.collect()  # tensors held only by reference cycles go first, then the caches
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.ipc_collect()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        with contextlib.suppress(Exception):
+            cupy.get_default_memory_pool().free_all_blocks()
+            cupy.get_default_pinned_memory_pool().free_all_blocks()
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        with contextlib.suppress(Exception):
+            jax.clear_caches()
+
+
+class _LaneClock:
+    """Database time on the executor: the lane's start by the database clock plus the time
+    since by this process's monotonic clock (DESIGN invariant 4 holds: a node's wall clock
+    is never read; a lane lasts milliseconds, so drift does not matter)."""
+
+    def __init__(self, at: datetime | None) -> None:
+        self.at, self.base = at, time.perf_counter()
+
+    def __call__(self, mark: float) -> datetime | None:
+        return None if self.at is None else self.at + timedelta(seconds=mark - self.base)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    task: Task
+    lease_id: uuid.UUID
+    seconds: float
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    #: ``time.perf_counter()`` when the handler was called.
+    began: float = 0.0
+    result: Any = None
+    write: TransactionalWrite | None = None
+    error: str | None = None
+    trace: str | None = None
+    retryable: bool = True
+
+
+def _run_one(store: Store, task: Task, lease_id: uuid.UUID, clock: _LaneClock) -> _Outcome:
+    outcome = _call(store, task, lease_id)
+    return dataclasses.replace(
+        outcome, started_at=clock(outcome.began), finished_at=clock(outcome.began + outcome.seconds)
+    )
+
+
+def _call(store: Store, task: Task, lease_id: uuid.UUID) -> _Outcome:
+    began = time.perf_counter()
+    try:
+        handler = resolve(task.type, store)
+        args, kwargs = serialization.decode_call(task.payload, upstream_results(store, task))
+        returned = handler(*args, **kwargs)
+        write = returned.write if isinstance(returned, Commit) else None
+        result = returned.result if isinstance(returned, Commit) else returned
+        # A Python caller gets its result back as the very object (pickled); a task
+        # submitted as JSON keeps a JSON result that any client can read.
+        if serialization.is_pickled(task.payload):
+            result = serialization.to_json(result)
+        store.check_result(result)
+    except Exception as exc:
+        if isinstance(exc, TaskrayError) and not isinstance(exc, UnknownTaskTypeError):
+            # The result itself is unacceptable (too large, not JSON): retrying cannot help.
+            error, retryable = exc.message, False
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            retryable = is_retryable(exc, task) and not isinstance(exc, UnknownTaskTypeError)
+        return _Outcome(
+            task,
+            lease_id,
+            time.perf_counter() - began,
+            began=began,
+            error=error,
+            trace=traceback.format_exc(),
+            retryable=retryable,
+        )
+    return _Outcome(
+        task, lease_id, time.perf_counter() - began, began=began, result=result, write=write
+    )
+
+
+class _CommitGroup:
+    """Outcomes waiting to be committed together; the report of what was committed."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pending: list[_Outcome] = []
+        self.first_at = 0.0
+        #: (task id, what happened, seconds the handler ran) per task, for the scheduler.
+        self.report: list[tuple[str, str, float]] = []
+
+    def add(self, outcome: _Outcome) -> None:
+        if outcome.write is not None:
+            # A handler's own writes commit in its task's transaction, alone.
+            self.flush()
+            self._commit_with_write(outcome)
+            return
+        if not self.pending:
+            self.first_at = time.perf_counter()
+        self.pending.append(outcome)
+        if time.perf_counter() - self.first_at >= COMMIT_GROUP_S:
+            self.flush()
+
+    def _commit_with_write(self, outcome: _Outcome) -> None:
+        task, lease, write = outcome.task, outcome.lease_id, outcome.write
+        try:
+            _with_retries(lambda: self.store.complete(task.id, lease, outcome.result, write=write))
+        except LeaseLostError:
+            log.warning("task %s finished but its lease is gone; result not committed", task.id)
+            self.report.append((str(task.id), "lease_lost", outcome.seconds))
+            return
+        except TaskrayError as exc:
+            self.pending.append(dataclasses.replace(outcome, error=exc.message, retryable=False))
+            self.flush()
+            return
+        self.report.append((str(task.id), TaskState.SUCCEEDED.value, outcome.seconds))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        seconds = {o.task.id: o.seconds for o in pending}
+        successes = [
+            Success(o.task.id, o.lease_id, o.result, o.started_at, o.finished_at)
+            for o in pending
+            if o.error is None
+        ]
+        failures = [
+            Failure(
+                o.task.id, o.lease_id, o.error, o.trace, o.retryable, o.started_at, o.finished_at
+            )
+            for o in pending
+            if o.error is not None
+        ]
+        try:
+            if successes:
+                done = _with_retries(lambda: self.store.complete_many(successes))
+                self.report += [
+                    (str(t), TaskState.SUCCEEDED.value, seconds[t]) for t in done.committed
+                ]
+                self.report += [(str(t), "lease_lost", seconds[t]) for t in done.refused]
+            if failures:
+                states = _with_retries(lambda: self.store.fail_many(failures))
+                self.report += [
+                    (str(t), state.value if state else "lease_lost", seconds[t])
+                    for t, state in states.items()
+                ]
+        except StoreUnavailableError:
+            # Gave up after the retry deadline: the leases run out and the reaper retries.
+            log.error("store unreachable: %d outcome(s) not committed", len(pending))
+            self.report += [(str(t), "store_unavailable", s) for t, s in seconds.items()]
+
+
+def execute_batch(
+    database_url: str,
+    leases: list[tuple[str, str]],
+    heartbeat_interval_s: float = 10.0,
+    lease_ttl_s: float = 30.0,
+    gpu: bool = False,
+) -> list[tuple[str, str, float]]:
+    """Run a lane: leased tasks back to back, in order, in this process.
+
+    Returns, per task, (task id, what happened, seconds the handler ran): the scheduler
+    learns from it how long tasks of each type take.
+    """
+    store = store_for(database_url)
+    pairs = [(uuid.UUID(task_id), uuid.UUID(lease_id)) for task_id, lease_id in leases]
+    lease_of = dict(pairs)
+    group = _CommitGroup(store)
+    try:
+        started = _with_retries(lambda: store.start_many(pairs, worker_id=worker_id()))
+    except StoreUnavailableError:
+        log.error("store unreachable: lane of %d task(s) not started", len(pairs))
+        return [(task_id, "store_unavailable", 0.0) for task_id, _ in leases]
+    group.report += [(str(t), "lease_lost", 0.0) for t in started.refused]
+    clock = _LaneClock(started.at)
+    keeper = lease_keeper(database_url, heartbeat_interval_s, lease_ttl_s)
+    keeper.hold((task.id, lease_of[task.id]) for task in started.tasks)
+    try:
+        for task in started.tasks:
+            outcome = _run_one(store, task, lease_of[task.id], clock)
+            keeper.release([task.id])
+            group.add(outcome)
+            if gpu:
+                free_gpu_memory()
+        group.flush()
+    finally:
+        keeper.release(lease_of)
+    return group.report
 
 
 def execute(
@@ -208,55 +453,6 @@ def execute(
     heartbeat_interval_s: float = 10.0,
     lease_ttl_s: float = 30.0,
 ) -> str:
-    """Run one leased task to its outcome; returns what happened, for the scheduler's log."""
-    store = store_for(database_url)
-    lease = uuid.UUID(lease_id)
-    try:
-        task = _with_retries(lambda: store.start(task_id, lease, worker_id=worker_id()))
-    except LeaseLostError:
-        log.warning("task %s: lease %s gone before start; not running it", task_id, lease_id)
-        return "lease_lost"
-    heartbeat = _Heartbeat(store, task, lease, heartbeat_interval_s, lease_ttl_s)
-    heartbeat.start()
-    try:
-        try:
-            handler = resolve(task.type, store)
-            args, kwargs = serialization.decode_call(task.payload, upstream_results(store, task))
-            outcome = handler(*args, **kwargs)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            trace = traceback.format_exc()
-            retryable = is_retryable(exc, task) and not isinstance(exc, UnknownTaskTypeError)
-            return _commit_failure(store, task, lease, error, trace, retryable)
-        heartbeat.stop()
-        write = outcome.write if isinstance(outcome, Commit) else None
-        result = outcome.result if isinstance(outcome, Commit) else outcome
-        # A Python caller gets its result back as the very object (pickled); a task
-        # submitted as JSON keeps a JSON result that any client can read.
-        if serialization.is_pickled(task.payload):
-            result = serialization.to_json(result)
-        try:
-            stored = result
-            _with_retries(lambda: store.complete(task.id, lease, stored, write=write))
-        except LeaseLostError:
-            log.warning("task %s finished but its lease is gone; result not committed", task.id)
-            return "lease_lost"
-        except TaskrayError as exc:
-            # The result itself is unacceptable (too large, not JSON): retrying will not help.
-            return _commit_failure(store, task, lease, exc.message, None, retryable=False)
-        return "succeeded"
-    finally:
-        heartbeat.stop()
-
-
-def _commit_failure(
-    store: Store, task: Task, lease: uuid.UUID, error: str, trace: str | None, retryable: bool
-) -> str:
-    try:
-        after = _with_retries(
-            lambda: store.fail(task.id, lease, error, traceback=trace, retryable=retryable)
-        )
-    except LeaseLostError:
-        log.warning("task %s failed but its lease is gone; failure not recorded", task.id)
-        return "lease_lost"
-    return after.status.value
+    """Run one leased task to its outcome; returns what happened."""
+    report = execute_batch(database_url, [(task_id, lease_id)], heartbeat_interval_s, lease_ttl_s)
+    return report[0][1]

@@ -383,3 +383,76 @@ class LeaseRequest:
 
     task_id: uuid.UUID
     node_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyTask:
+    """A ready task as the scheduler reads it: what placement needs, never its payload
+    (a pass reads a window of these, so its cost does not grow with payload sizes)."""
+
+    id: uuid.UUID
+    type: str
+    priority: int
+    scheduled_at: datetime
+    timeout_s: float | None
+    resources: Resources
+    labels: Mapping[str, str]
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One lease granted by ``Store.lease_many``: the task, its new lease and its node."""
+
+    task_id: uuid.UUID
+    lease_id: uuid.UUID
+    node_id: str | None
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    """An executor's report that a task returned ``result`` (committed by ``complete_many``)."""
+
+    task_id: uuid.UUID
+    lease_id: uuid.UUID
+    result: Any
+    #: When the handler began and ended, by the database clock (a lane's start time plus
+    #: the time since, on the executor): tasks of a lane are all marked running when the
+    #: lane starts, and run one after another, so the attempt records the real times.
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An executor's (or the scheduler's) report that an attempt failed."""
+
+    task_id: uuid.UUID
+    lease_id: uuid.UUID
+    error: str
+    traceback: str | None = None
+    retryable: bool = True
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCommit:
+    """What a batched transition did, row by row: the fence is per row, so a batch with
+    some stale leases commits the rest and refuses (and names) those."""
+
+    committed: list[uuid.UUID]
+    #: Tasks whose lease was gone (expired, reaped, cancelled): nothing was written for them.
+    refused: list[uuid.UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class StartedBatch:
+    """What ``Store.start_many`` did: the tasks now running (in the order asked), and
+    those whose lease was gone (nothing was written for them)."""
+
+    tasks: list[Task]
+    refused: list[uuid.UUID]
+    #: The database time the tasks were marked running.
+    at: datetime | None = None

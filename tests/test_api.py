@@ -128,6 +128,9 @@ def test_openapi_schema_has_examples(admin: httpx.Client) -> None:
     schema = admin.get("/openapi.json").json()
     assert schema["components"]["schemas"]["TaskCreate"]["examples"]
     assert "/v1/tasks/batch" in schema["paths"]
+    wait = schema["paths"]["/v1/tasks/wait"]["post"]
+    assert {"200", "400", "404", "422"} <= set(wait["responses"])
+    assert schema["components"]["schemas"]["TaskWait"]["examples"]
 
 
 # -- auth -------------------------------------------------------------------------------------
@@ -391,6 +394,119 @@ def test_queue_stats(server: Server, admin: httpx.Client) -> None:
     assert [q["queue"] for q in admin.get("/v1/queues").json()] == ["stats"]
     assert admin.get("/v1/queues/empty").json()["by_state"] == {}
     assert done["queue"] == "stats"
+
+
+# -- wait ---------------------------------------------------------------------------------------
+
+
+def finish(server: Server, task_id: object, queue: str, result: object = None) -> None:
+    """Complete ``task_id`` (alone in ``queue``), or dead-letter it when ``result`` is None."""
+    lease = server.store.claim(1, queues=[queue])[0]
+    assert str(lease.task.id) == str(task_id)
+    if result is None:
+        server.store.fail(lease.task.id, lease.lease_id, "poison", retryable=False)
+    else:
+        server.store.complete(lease.task.id, lease.lease_id, result)
+
+
+def test_wait_answers_with_the_finished_tasks(server: Server, admin: httpx.Client) -> None:
+    done = submit(admin, queue="w-done")
+    dead = submit(admin, queue="w-dead")
+    never = submit(admin, queue="w-never")
+    finish(server, done["id"], "w-done", {"answer": 42})
+    finish(server, dead["id"], "w-dead")
+    ids = [never["id"], done["id"], dead["id"]]
+    response = admin.post("/v1/tasks/wait", json={"ids": ids, "num_returns": 2, "timeout": 30})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [t["id"] for t in body["tasks"]] == [done["id"], dead["id"]]  # in the order asked
+    assert body["pending"] == 1
+    finished, failed = body["tasks"]
+    assert finished["status"] == "succeeded" and finished["result"] == {"answer": 42}
+    assert failed["status"] == "dead" and "poison" in failed["last_error"]
+    # Waiting for all of them: the answer comes when the timeout runs out, without the
+    # one that never finishes. A repeated id counts once.
+    response = admin.post("/v1/tasks/wait", json={"ids": [*ids, done["id"]], "timeout": 0.5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert never["id"] not in {t["id"] for t in body["tasks"]}
+    assert {t["id"] for t in body["tasks"]} == {done["id"], dead["id"]}
+    assert body["pending"] == 1
+    # Reading needs the read scope, as GET does.
+    with server.client(server.reader) as reader:
+        assert reader.post("/v1/tasks/wait", json={"ids": ids, "timeout": 0}).status_code == 200
+    with server.client(server.submitter) as submitter:
+        assert_problem(submitter.post("/v1/tasks/wait", json={"ids": ids}), 403)
+
+
+def test_wait_returns_when_a_task_finishes(server: Server, admin: httpx.Client) -> None:
+    created = submit(admin, queue="w-wake")
+    answers: list[httpx.Response] = []
+
+    def wait() -> None:
+        with server.client(server.reader) as reader:
+            answers.append(reader.post("/v1/tasks/wait", json={"ids": [created["id"]]}))
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    finish(server, created["id"], "w-wake", [1, 2])
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    [response] = answers
+    assert response.status_code == 200, response.text
+    [task] = response.json()["tasks"]
+    assert task["id"] == created["id"] and task["result"] == [1, 2]
+    assert response.json()["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"ids": ["not-a-uuid"]}, 422),
+        ({"ids": []}, 422),
+        ({"ids": "TASK"}, 422),
+        ({"ids": [str(uuid.UUID(int=i)) for i in range(10_001)], "timeout": 0}, 422),
+        ({"ids": ["TASK"], "timeout": -1}, 422),
+        ({"ids": ["TASK"], "timeout": 61}, 422),
+        ({"ids": ["TASK"], "timeout": "soon"}, 422),
+        ({"ids": ["TASK"], "num_returns": -1}, 422),
+        ({"ids": ["TASK", "TASK"], "num_returns": 2}, 400),
+        ({"ids": ["TASK"], "unknown_field": 1}, 422),
+        ({"ids": ["TASK", str(uuid.uuid4())], "timeout": 0}, 404),
+    ],
+)
+def test_wait_refuses_bad_input_with_a_reason(
+    admin: httpx.Client, body: dict[str, object], status: int
+) -> None:
+    task_id = submit(admin)["id"]
+    raw = json.dumps(body).replace('"TASK"', json.dumps(task_id))
+    response = admin.post(
+        "/v1/tasks/wait", content=raw, headers={"content-type": "application/json"}
+    )
+    assert_problem(response, status)
+
+
+def test_wait_refuses_a_timeout_that_is_not_a_number(admin: httpx.Client) -> None:
+    task_id = submit(admin)["id"]
+    raw = f'{{"ids": ["{task_id}"], "timeout": NaN}}'
+    response = admin.post(
+        "/v1/tasks/wait", content=raw, headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 422)
+
+
+def test_wait_hides_another_tenants_tasks(server: Server, admin: httpx.Client) -> None:
+    created = submit(admin, queue="w-hidden")
+    finish(server, created["id"], "w-hidden", "secret")
+    with server.client(server.other) as other:
+        own = submit(other)
+        body = assert_problem(
+            other.post("/v1/tasks/wait", json={"ids": [own["id"], created["id"]], "timeout": 0}),
+            404,
+        )
+        assert str(created["id"]) in str(body["detail"]) and "secret" not in str(body)
+    found = admin.post("/v1/tasks/wait", json={"ids": [created["id"]], "timeout": 0}).json()
+    assert [t["result"] for t in found["tasks"]] == ["secret"]
 
 
 # -- cancel -------------------------------------------------------------------------------------

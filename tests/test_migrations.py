@@ -69,3 +69,10 @@ def test_unreachable_database_error_hides_the_password() -> None:
         Store.open(url, engine_options={"connect_args": {"connect_timeout": 2}})
     assert "s3cret-pw" not in str(caught.value)
     assert "***" in redacted(url) and "s3cret-pw" not in redacted(url)
+
+
+def test_schema_revision_constant_is_the_migrations_head() -> None:
+    # Processes check the schema against the constant without reading the scripts.
+    from taskray.store.engine import SCHEMA_REVISION
+
+    assert head_revision() == SCHEMA_REVISION

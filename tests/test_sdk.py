@@ -91,6 +91,42 @@ def test_map_submits_in_bulk(embedded: runtime.Runtime) -> None:
     assert "<table>" in handles._repr_html_()
 
 
+def test_get_and_wait_on_many_handles(embedded: runtime.Runtime) -> None:
+    handles = fns.total.map([[i, i] for i in range(200)], progress=False)
+    ready, not_ready = taskray.wait(handles, num_returns=50, timeout=120)
+    assert len(ready) == 50 and len(not_ready) == 150
+    assert set(ready).isdisjoint(not_ready) and set(ready) | set(not_ready) == set(handles)
+    assert all(h.status().is_terminal for h in ready)
+    assert taskray.get(handles, timeout=120, progress=True) == [2 * i for i in range(200)]
+    # Repeats and a mix with one that fails: get names the failure; wait counts it finished.
+    failing = fns.explode.options(max_retries=0).submit("one of many")
+    with pytest.raises(taskray.TaskFailedError, match="one of many"):
+        taskray.get([*handles[:10], failing, handles[0]], timeout=60)
+    ready, not_ready = taskray.wait([*handles, failing], num_returns=201, timeout=10)
+    assert len(ready) == 201 and not_ready == []
+
+
+def test_submits_reuse_a_cached_view_of_the_cluster(
+    embedded: runtime.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_nodes = ray.nodes
+
+    def counted_nodes() -> list[dict[str, object]]:
+        calls.append(1)
+        return real_nodes()  # type: ignore[no-untyped-call, no-any-return]
+
+    monkeypatch.setattr(ray, "nodes", counted_nodes)
+    assert embedded.node_totals(max_age_s=0.0)  # a fresh view, for the next few seconds
+    handles = [fns.add.submit(i, 1) for i in range(20)]
+    assert len(calls) == 1
+    # What does not fit the cached view is checked against a fresh one before the refusal.
+    with pytest.raises(taskray.InvalidResourcesError, match="large enough"):
+        fns.add.options(num_gpus=8).submit(1, 2)
+    assert len(calls) == 2
+    assert taskray.get(handles, timeout=60) == [i + 1 for i in range(20)]
+
+
 def test_submit_by_name(embedded: runtime.Runtime) -> None:
     handle = taskray.submit("tests.sdk_functions:add", 20, b=22, options={"priority": 5})
     assert taskray.get(handle, timeout=60) == 42

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import taskray
 from api.settings import Settings
@@ -24,11 +26,12 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     url = f"sqlite:///{tmp_path_factory.mktemp('remote') / 'tasks.db'}"
     store = Store.open(url)
     _, secret = store.create_key("acme", "notebook", ["submit", "read"])
+    _, admin = store.create_key("acme", "ops", ["admin"])
     with local_ray(num_cpus=4), running_scheduler(store, url):
         for api_url in serve(Settings(database_url=url)):
             taskray.init(url=api_url, api_key=secret)
             try:
-                yield {"store": store, "url": api_url, "secret": secret}
+                yield {"store": store, "url": api_url, "secret": secret, "admin": admin}
             finally:
                 taskray.shutdown()
     store.close()
@@ -46,6 +49,39 @@ def test_submit_get_and_a_dag_over_http(remote: dict[str, Any]) -> None:
     assert set(remote["store"].upstreams(total.id)) == {b.id, c.id}
     ready, _ = taskray.wait([a, b, c], num_returns=3, timeout=10)
     assert len(ready) == 3
+
+
+def request_counts(remote: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """Requests the API served so far, by method and route, from its metrics."""
+    with httpx.Client(
+        base_url=remote["url"], headers={"Authorization": f"Bearer {remote['admin']}"}
+    ) as client:
+        text = client.get("/metrics").text
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "taskray_api_requests_total":
+                key = (sample.labels["method"], sample.labels["route"])
+                counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+def test_get_and_wait_on_many_handles_use_the_wait_endpoint(remote: dict[str, Any]) -> None:
+    handles = fns.total.map([[i, 1] for i in range(150)], progress=False)
+    before = request_counts(remote)
+    assert taskray.get(handles, timeout=120) == [i + 1 for i in range(150)]
+    ready, not_ready = taskray.wait(handles, num_returns=100, timeout=10)
+    assert len(ready) == 100 and len(not_ready) == 50
+    slow = fns.nap.submit(60)
+    ready, not_ready = taskray.wait([slow, handles[0]], num_returns=2, timeout=0.5)
+    assert ready == [handles[0]] and not_ready == [slow]
+    with pytest.raises(taskray.GetTimeoutError):
+        taskray.get(slow, timeout=0.2)
+    after = request_counts(remote)
+    slow.cancel()
+    seen = {key: after[key] - before.get(key, 0.0) for key in after}
+    assert seen.get(("POST", "/v1/tasks/wait"), 0) >= 4
+    assert seen.get(("GET", "/v1/tasks/{task_id}"), 0) == 0  # no read per handle
 
 
 def test_failures_carry_the_remote_traceback_over_http(remote: dict[str, Any]) -> None:

@@ -564,3 +564,29 @@ def test_a_key_repeated_in_a_batch_goes_to_the_first_spec_in_batch_order(store: 
     assert second.deduplicated and second.task.id == first.task.id
     assert store.upstreams(results[0].task.id) == [first.task.id]
     assert total(store) == 2
+
+
+# -- notifications ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_done_listener_wakes_when_a_task_finishes_and_only_then(store: Store) -> None:
+    task = store.submit(make_spec()).task
+    other = store.submit(make_spec(max_retries=3)).task
+    listener = store.done_listener()
+    try:
+        # Submitting, leasing, starting and a retried failure finish nothing.
+        first, second = store.lease(
+            [LeaseRequest(task.id, "node-1"), LeaseRequest(other.id, "node-1")], epoch=None
+        )
+        store.start(task.id, first.lease_id)
+        retried = store.fail(other.id, second.lease_id, "transient", retryable=True)
+        assert retried.status is TaskState.QUEUED
+        assert listener.wait(0.2) is False
+        store.complete(task.id, first.lease_id, "ok")
+        assert listener.wait(5.0) is True
+        assert listener.wait(0.2) is False  # one wake-up per commit, none left over
+        store.cancel(other.id)
+        assert listener.wait(5.0) is True
+    finally:
+        listener.close()

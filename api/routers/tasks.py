@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
+import time
 import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+import anyio
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from pydantic import AwareDatetime
 
 from api.deps import Reader, SettingsDep, StoreDep, Submitter
@@ -22,10 +25,13 @@ from api.schemas import (
     TaskDetail,
     TaskPage,
     TaskPublic,
+    TasksFinished,
     TaskSubmitted,
+    TaskWait,
 )
 from taskray.errors import InvalidArgumentError, InvalidTaskError, UnknownTaskError
 from taskray.models import SubmitResult, TaskSpec, TaskState
+from taskray.sdk.handles import wait_terminal
 from taskray.store import Store
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=responses(401, 403, 422, 503))
@@ -170,6 +176,56 @@ def list_tasks(
     return TaskPage(
         tasks=[TaskPublic.of(t) for t in page],
         next_cursor=_encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+    )
+
+
+#: Wait requests held at once per app; each holds a thread and, on PostgreSQL, a LISTEN
+#: connection. More queue for a token (their deadline still counts from their arrival).
+MAX_CONCURRENT_WAITS = 32
+
+
+def _wait_limiter(request: Request) -> anyio.CapacityLimiter:
+    # Waits get threads of their own: held for up to a minute, they must not take the
+    # thread pool that every other sync endpoint and the key check run on.
+    state = request.app.state
+    limiter: anyio.CapacityLimiter | None = getattr(state, "wait_limiter", None)
+    if limiter is None:  # the event loop runs this without a switch: one limiter per app
+        limiter = anyio.CapacityLimiter(MAX_CONCURRENT_WAITS)
+        state.wait_limiter = limiter
+    return limiter
+
+
+@router.post(
+    "/wait",
+    response_model=TasksFinished,
+    summary="Wait until tasks finish (long poll)",
+    description=(
+        "Answers once `num_returns` of `ids` (default: all) are terminal, or after "
+        "`timeout` seconds (default 10, at most 60), with the terminal ones. Woken by "
+        "completions, not by polling each task. A task of another tenant is unknown (404)."
+    ),
+    responses={
+        200: {"description": "The terminal tasks among those asked"},
+        **responses(400, 404, 413),
+    },
+)
+async def wait_tasks(
+    body: TaskWait, principal: Reader, store: StoreDep, request: Request
+) -> TasksFinished:
+    deadline = time.monotonic() + body.timeout
+    ids = list(dict.fromkeys(body.ids))
+    num_returns = len(ids) if body.num_returns is None else body.num_returns
+    if num_returns > len(ids):
+        raise InvalidArgumentError(
+            f"num_returns must be within 0..{len(ids)} (the distinct ids), got {num_returns}"
+        )
+    wait = functools.partial(
+        wait_terminal, store, ids, num_returns, deadline, tenant=principal.tenant
+    )
+    done = await anyio.to_thread.run_sync(wait, limiter=_wait_limiter(request))
+    return TasksFinished(
+        tasks=[TaskPublic.of(done[i]) for i in ids if i in done],
+        pending=sum(1 for i in ids if i not in done),
     )
 
 

@@ -39,6 +39,11 @@ class _SchedulerActor:
     def ready(self) -> bool:
         return self._thread.is_alive()
 
+    def wake(self) -> None:
+        """New work was just submitted (the embedded SDK says so on SQLite, which has no
+        notifications): run a pass now instead of at the next poll."""
+        self._scheduler.wake()
+
     def status(self) -> dict[str, Any]:
         return self._scheduler.status() | {"running": self._thread.is_alive()}
 

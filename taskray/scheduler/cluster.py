@@ -8,6 +8,7 @@ not stable public API, so they stay behind this page.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from taskray import executor
-from taskray.models import Task
+from taskray.models import ReadyTask
 from taskray.policy.types import NodeView, Release
 
 log = logging.getLogger(__name__)
@@ -25,15 +26,36 @@ log = logging.getLogger(__name__)
 #: Ray's bookkeeping resources that no task requests.
 _IGNORED_RESOURCES = ("object_store_memory",)
 _IGNORED_PREFIXES = ("node:",)
-#: Metadata key choosing the worker process: "fresh" (a new process per task, so GPU memory
-#: is released) or "reuse" (a warm process: saves the ~2.5 s worker start).
+#: Metadata key choosing the worker process: "fresh" (a new process per task) or "reuse"
+#: (a warm process, the default for every task: saves a ~2.5 s worker start).
 WORKER_METADATA_KEY = "taskray:worker"
+#: How long the node list (which nodes exist, their totals and labels) is reused; what is
+#: free on each node is read on every call.
+NODES_TTL_S = 2.0
 
 # Declared without GPUs on purpose: Ray gives a function declared with GPUs a new process
-# for every call; set per call with .options(), the worker stays reusable.
+# for every call; set per call with .options(), the worker stays reusable, and the executor
+# gives cached GPU memory back after each GPU task.
 # Ray's stubs cannot type a function re-wrapped with options, hence Any.
-_execute_in_warm_worker: Any = ray.remote(max_retries=0)(executor.execute)
-_execute_in_fresh_worker: Any = ray.remote(max_retries=0, max_calls=1)(executor.execute)
+_execute_in_warm_worker: Any = ray.remote(max_retries=0)(executor.execute_batch)
+_execute_in_fresh_worker: Any = ray.remote(max_retries=0, max_calls=1)(executor.execute_batch)
+
+_nodes_cache: tuple[float, list[dict[str, Any]]] | None = None
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    global _nodes_cache
+    now = time.monotonic()
+    if _nodes_cache is None or now - _nodes_cache[0] > NODES_TTL_S:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+        _nodes_cache = (now, nodes)
+    return _nodes_cache[1]
+
+
+def forget_nodes() -> None:
+    """Read the node list afresh next time (a node died or joined)."""
+    global _nodes_cache
+    _nodes_cache = None
 
 
 def _schedulable(resources: Mapping[str, float]) -> dict[str, float]:
@@ -62,9 +84,7 @@ def read_nodes(
         log.debug("per-node availability unavailable", exc_info=True)
         available = None
     views = []
-    for node in ray.nodes():  # type: ignore[no-untyped-call]
-        if not node.get("Alive"):
-            continue
+    for node in _alive_nodes():
         node_id = node["NodeID"]
         total = _schedulable(node.get("Resources") or {})
         used = used_by_taskray.get(node_id, {})
@@ -93,86 +113,99 @@ def read_nodes(
     return views
 
 
-def wants_fresh_worker(task: Task) -> bool:
-    """GPU tasks get a fresh process by default (GPU memory is released when it exits);
-    others reuse warm workers. A task can ask for either through its metadata."""
-    choice = task.metadata.get(WORKER_METADATA_KEY)
-    if choice in ("fresh", "reuse"):
-        return bool(choice == "fresh")
-    return task.resources.num_gpus > 0
+def wants_fresh_worker(task: ReadyTask) -> bool:
+    """Every task reuses warm workers unless it asks for a fresh process through its
+    metadata (``worker="fresh"``): GPU tasks too, since the executor gives their cached
+    GPU memory back after each one."""
+    return bool(task.metadata.get(WORKER_METADATA_KEY) == "fresh")
 
 
 @dataclass
-class Dispatched:
-    """A task running (or about to) in Ray, as the scheduler tracks it."""
+class Lane:
+    """One Ray task running leased tasks back to back on one node, as the scheduler
+    tracks it. It holds the resources of one task (they all have the same shape)."""
 
-    task_id: uuid.UUID
-    lease_id: uuid.UUID
     node_id: str
     ref: Any
+    #: Lease of each task in the lane, in the order they run.
+    leases: dict[uuid.UUID, uuid.UUID]
+    task_type: str
     #: What it holds on its node, in Ray's names.
     resources: dict[str, float] = field(default_factory=dict)
+    #: Dispatched beyond what the node had free: it waits in Ray for a slot there.
+    ahead: bool = False
+    #: The timeout of its one task, if it has one (a task with a timeout runs alone).
+    timeout_s: float | None = None
     #: Set when the scheduler cancelled it (timeout, cancel); its end is then expected.
     stopped_because: str | None = None
+    dispatched_at: float = field(default_factory=time.monotonic)
 
 
 def dispatch(
-    task: Task,
-    lease_id: uuid.UUID,
+    tasks: Sequence[ReadyTask],
+    leases: Sequence[uuid.UUID],
     node_id: str,
     database_url: str,
     *,
     heartbeat_interval_s: float,
     lease_ttl_s: float,
-) -> Dispatched:
-    resources = task.resources
+    ahead: bool = False,
+) -> Lane:
+    """Start a lane of ``tasks`` (one resource shape) on ``node_id``, pinned there."""
+    first = tasks[0]
+    resources = first.resources
     options: dict[str, Any] = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         # Named after the task, so the Ray dashboard shows which task runs where.
-        "name": f"taskray:{task.type}:{task.id}",
+        "name": f"taskray:{first.type}:{first.id}"
+        + (f"+{len(tasks) - 1}" if len(tasks) > 1 else ""),
     }
     if resources.memory:
         options["memory"] = resources.memory
     if resources.custom:
         options["resources"] = dict(resources.custom)
-    remote = _execute_in_fresh_worker if wants_fresh_worker(task) else _execute_in_warm_worker
+    remote = _execute_in_fresh_worker if wants_fresh_worker(first) else _execute_in_warm_worker
     ref = remote.options(**options).remote(
-        database_url, str(task.id), str(lease_id), heartbeat_interval_s, lease_ttl_s
+        database_url,
+        [(str(t.id), str(lease)) for t, lease in zip(tasks, leases, strict=True)],
+        heartbeat_interval_s,
+        lease_ttl_s,
+        resources.num_gpus > 0,
     )
-    return Dispatched(
-        task_id=task.id,
-        lease_id=lease_id,
+    return Lane(
         node_id=node_id,
         ref=ref,
-        resources=task.resources.as_dict(),
+        leases={t.id: lease for t, lease in zip(tasks, leases, strict=True)},
+        task_type=first.type,
+        resources=resources.as_dict(),
+        ahead=ahead,
     )
 
 
-def finished(in_flight: Sequence[Dispatched], timeout_s: float) -> list[Dispatched]:
-    """Those of ``in_flight`` whose Ray task has ended, waiting up to ``timeout_s`` for one."""
-    if not in_flight:
+def finished(refs: Sequence[Any], timeout_s: float) -> list[Any]:
+    """Those of ``refs`` whose Ray task has ended, waiting up to ``timeout_s`` for one."""
+    if not refs:
         return []
-    by_ref = {d.ref: d for d in in_flight}
     # Return at the first end (not after the timeout), then take whatever else has ended.
-    ready, rest = ray.wait(list(by_ref), num_returns=1, timeout=timeout_s)
+    ready, rest = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
     if ready and rest:
         ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-    return [by_ref[ref] for ref in ready]
+    return list(ready)
 
 
-def outcome(dispatched: Dispatched) -> tuple[str | None, str | None]:
-    """(what the executor reported, or None) and (Ray's error, or None) for an ended task."""
+def outcome(lane: Lane) -> tuple[list[tuple[str, str, float]] | None, str | None]:
+    """(what the executor reported, or None) and (Ray's error, or None) for an ended lane."""
     try:
-        return str(ray.get(dispatched.ref)), None
+        return list(ray.get(lane.ref)), None
     except ray.exceptions.RayError as exc:
         # Worker crash, node death, out of memory, cancellation: the executor could not
-        # report, so the scheduler records the attempt as failed.
+        # report, so the scheduler records the attempts as failed.
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def cancel(dispatched: Dispatched, reason: str) -> None:
-    dispatched.stopped_because = reason
+def cancel(lane: Lane, reason: str) -> None:
+    lane.stopped_because = reason
     # force=True kills the worker process: a handler stuck in C code or a sleep stops too.
-    ray.cancel(dispatched.ref, force=True)
+    ray.cancel(lane.ref, force=True)

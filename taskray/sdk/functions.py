@@ -87,10 +87,20 @@ def _collect_upstreams(value: Any, found: list[TaskHandle]) -> Any:
 
 
 def _check_fits_somewhere(resources: Resources) -> None:
-    """Refuse at submit what no node of the cluster could ever hold (DESIGN invariant 6)."""
+    """Refuse at submit what no node of the cluster could ever hold (DESIGN invariant 6).
+
+    The cluster view is cached for a few seconds; a task that does not fit it is checked
+    once more against a fresh view (a node may have just joined) before it is refused."""
     demand = resources.as_dict()
-    nodes = runtime.current().node_totals()
-    if any(all(node.get(k, 0.0) >= v for k, v in demand.items()) for node in nodes):
+    rt = runtime.current()
+
+    def fits(nodes: list[dict[str, float]]) -> bool:
+        return any(all(node.get(k, 0.0) >= v for k, v in demand.items()) for node in nodes)
+
+    if fits(rt.node_totals()):
+        return
+    nodes = rt.node_totals(max_age_s=0.0)
+    if fits(nodes):
         return
     lacking = sorted(k for k in demand if not any(k in node for node in nodes))
     if lacking:
@@ -146,7 +156,9 @@ def build_spec(
 
 
 def _submit_specs(specs: list[TaskSpec]) -> list[TaskHandle]:
-    results = runtime.current().store.submit_many(specs)
+    current = runtime.current()
+    results = current.store.submit_many(specs)
+    current.work_submitted()
     return [TaskHandle(r.task.id, r.task.type, r.deduplicated) for r in results]
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import html
+import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any, overload
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, overload
 
 from tqdm.auto import tqdm
 
@@ -14,6 +15,10 @@ from taskray import serialization
 from taskray.errors import GetTimeoutError, TaskFailedError
 from taskray.models import Attempt, Task, TaskState
 from taskray.sdk import runtime
+from taskray.sdk.remote import RemoteBackend
+from taskray.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class TaskHandle:
@@ -137,6 +142,181 @@ def _failure(store: runtime.TaskBackend, task: Task) -> TaskFailedError:
     )
 
 
+#: Ids read per query while waiting: only ids not yet known to be finished are re-read.
+READ_BATCH = 1000
+#: With notifications (PostgreSQL), re-read this often anyway, in case one was missed.
+NOTIFIED_REREAD_S = 1.0
+#: Without notifications (SQLite, or no listener), the poll interval starts short, so one
+#: fast task is seen at once, and backs off while nothing finishes.
+POLL_FIRST_S = 0.002
+POLL_MAX_S = 0.05
+#: Remote mode: the most ids one wait request names (the API's limit), and how long one
+#: long poll lasts at most (well inside the client's HTTP timeout).
+REMOTE_MAX_IDS = 10_000
+REMOTE_LONG_POLL_S = 20.0
+
+
+class _Listener(Protocol):
+    """What ``Store.done_listener`` returns."""
+
+    def wait(self, timeout_s: float) -> bool: ...
+    def close(self) -> None: ...
+
+
+class _Sleeper:
+    """Plain polling, where a done listener cannot be opened (or broke)."""
+
+    def wait(self, timeout_s: float) -> bool:
+        time.sleep(max(0.0, timeout_s))
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def _open_done_listener(store: Store) -> tuple[_Listener, bool]:
+    """The store's done listener and whether it is woken by notifications; polling if it
+    cannot be opened (the database is down: the next read says so)."""
+    try:
+        return store.done_listener(poll_interval_s=POLL_MAX_S), store.is_postgres
+    except Exception as exc:  # any failure here degrades to polling
+        log.warning("cannot listen for finished tasks (%s); polling instead", exc)
+        return _Sleeper(), False
+
+
+def wait_terminal(
+    store: runtime.TaskBackend,
+    ids: Sequence[uuid.UUID],
+    num_returns: int,
+    deadline: float | None,
+    *,
+    tenant: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[uuid.UUID, Task]:
+    """Wait until ``num_returns`` of ``ids`` are terminal, or until ``deadline`` (a
+    ``time.monotonic()`` value; None: no limit). Returns the terminal tasks found (possibly
+    more than ``num_returns``); reads them at least once, even past the deadline.
+
+    On PostgreSQL a completion wakes the waiter (LISTEN/NOTIFY), with a re-read every
+    second in case a notification was missed; elsewhere it polls, quickly at first. Each
+    read asks only for the ids not yet finished, ``READ_BATCH`` at a time. ``tenant``
+    scopes the reads (another tenant's task is unknown); ``on_progress`` is called with
+    the number finished whenever it grows.
+    """
+    done: dict[uuid.UUID, Task] = {}
+    pending = list(dict.fromkeys(ids))
+    need = min(num_returns, len(pending))
+    last_read_s = 0.0
+
+    def read() -> bool:
+        """Read the pending ids; True when enough have finished."""
+        nonlocal pending, last_read_s
+        started = time.monotonic()
+        before = len(done)
+        for start in range(0, len(pending), READ_BATCH):
+            chunk = pending[start : start + READ_BATCH]
+            if tenant is None:
+                tasks = store.get_many(chunk)
+            else:
+                assert isinstance(store, Store), "tenant-scoped reads need the store"
+                tasks = store.get_many(chunk, tenant=tenant)
+            for task in tasks:
+                if task.status.is_terminal:
+                    done[task.id] = task
+            if len(done) >= need:
+                break
+        if len(done) > before:
+            pending = [i for i in pending if i not in done]
+            if on_progress is not None:
+                on_progress(len(done))
+        last_read_s = time.monotonic() - started
+        return len(done) >= need
+
+    def remaining() -> float | None:
+        return None if deadline is None else deadline - time.monotonic()
+
+    notifying = isinstance(store, Store) and store.is_postgres
+    # With notifications, read once before opening a listener: tasks already finished
+    # cost one read and no connection. (Without, the listener costs nothing.)
+    if notifying and (read() or (deadline is not None and time.monotonic() >= deadline)):
+        return done
+    listener: _Listener
+    if isinstance(store, Store):
+        listener, notifying = _open_done_listener(store)
+    else:
+        listener, notifying = _Sleeper(), False
+    try:
+        interval = POLL_FIRST_S
+        while True:
+            # A read after the listener is open: what finished before it listened is seen.
+            before = len(done)
+            if read():
+                return done
+            left = remaining()
+            if left is not None and left <= 0:
+                return done
+            if notifying:
+                pause = NOTIFIED_REREAD_S
+            else:
+                interval = POLL_FIRST_S if len(done) > before else min(interval * 1.5, POLL_MAX_S)
+                # Never spend more than about half the time reading.
+                pause = max(interval, last_read_s)
+            if left is not None:
+                pause = min(pause, left)
+            try:
+                if listener.wait(pause) and last_read_s > 0:
+                    # A burst of completions: let it gather for as long as a read takes
+                    # (reading stays under about half the time), then drop its wake-ups.
+                    left = remaining()
+                    time.sleep(last_read_s if left is None else min(last_read_s, max(0.0, left)))
+                    listener.wait(0.0)
+            except Exception as exc:  # a broken connection (the database restarted): poll
+                log.warning("lost the listener for finished tasks (%s); polling instead", exc)
+                _close_quietly(listener)
+                listener, notifying = _Sleeper(), False
+    finally:
+        _close_quietly(listener)
+
+
+def _close_quietly(listener: _Listener) -> None:
+    try:
+        listener.close()
+    except Exception:  # closing a broken connection
+        log.debug("closing a done listener failed", exc_info=True)
+
+
+def _finished_remote(
+    backend: RemoteBackend,
+    ids: list[uuid.UUID],
+    num_returns: int,
+    deadline: float | None,
+    on_progress: Callable[[int], None],
+) -> dict[uuid.UUID, Task]:
+    """Remote mode: long polls on ``POST /v1/tasks/wait`` until enough finished."""
+    done: dict[uuid.UUID, Task] = {}
+    pending = list(ids)
+    need = min(num_returns, len(pending))
+    while True:
+        chunks = [pending[i : i + REMOTE_MAX_IDS] for i in range(0, len(pending), REMOTE_MAX_IDS)]
+        # More ids than one request holds: the others are read without waiting, and the
+        # first chunk's poll wakes at its first completion, and after a second at most.
+        for chunk in chunks[1:]:
+            for task in backend.wait(chunk, num_returns=0, timeout_s=0.0):
+                done[task.id] = task
+        if chunks and len(done) < need:
+            first = chunks[0]
+            wanted = min(need - len(done), len(first)) if len(chunks) == 1 else 1
+            poll = REMOTE_LONG_POLL_S if len(chunks) == 1 else 1.0
+            if deadline is not None:
+                poll = max(0.0, min(poll, deadline - time.monotonic()))
+            for task in backend.wait(first, num_returns=wanted, timeout_s=poll):
+                done[task.id] = task
+        pending = [i for i in pending if i not in done]
+        on_progress(len(done))
+        if len(done) >= need or (deadline is not None and time.monotonic() >= deadline):
+            return done
+
+
 def _finished(
     store: runtime.TaskBackend,
     ids: list[uuid.UUID],
@@ -144,28 +324,18 @@ def _finished(
     timeout: float | None,
     progress: bool,
 ) -> dict[uuid.UUID, Task]:
-    """Poll until ``num_returns`` of ``ids`` are terminal (or the timeout); returns those."""
+    """Wait until ``num_returns`` of ``ids`` are terminal (or the timeout); returns those."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    done: dict[uuid.UUID, Task] = {}
     pending = list(dict.fromkeys(ids))
     bar = tqdm(total=len(pending), desc="tasks", unit="task", disable=not progress, leave=False)
-    interval = 0.01
+
+    def advance(finished: int) -> None:
+        bar.update(finished - bar.n)
+
     try:
-        while True:
-            for task in store.get_many(pending):
-                if task.status.is_terminal:
-                    done[task.id] = task
-            if done:
-                pending = [i for i in pending if i not in done]
-            bar.update(len(done) - bar.n)
-            if len(done) >= num_returns or not pending:
-                return done
-            if deadline is not None and time.monotonic() >= deadline:
-                return done
-            # Poll quickly at first (short tasks), then back off to spare the database.
-            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-            time.sleep(max(0.0, wait))
-            interval = min(interval * 1.5, 0.25)
+        if isinstance(store, RemoteBackend):
+            return _finished_remote(store, pending, num_returns, deadline, advance)
+        return wait_terminal(store, pending, num_returns, deadline, on_progress=advance)
     finally:
         bar.close()
 

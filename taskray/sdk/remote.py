@@ -144,6 +144,7 @@ class RemoteBackend:
 
     def __init__(self, url: str, api_key: str, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
         self._client = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {api_key}"},
@@ -189,6 +190,25 @@ class RemoteBackend:
 
     def get_many(self, task_ids: Iterable[uuid.UUID | str]) -> list[Task]:
         return [self.get(t) for t in task_ids]
+
+    def wait(
+        self, task_ids: Sequence[uuid.UUID | str], *, num_returns: int, timeout_s: float
+    ) -> list[Task]:
+        """One long poll (``POST /v1/tasks/wait``): the tasks among ``task_ids`` that are
+        terminal once ``num_returns`` of them are, or after ``timeout_s`` seconds (at most
+        60)."""
+        body = self._call(
+            "POST",
+            "/v1/tasks/wait",
+            json={
+                "ids": [str(t) for t in task_ids],
+                "num_returns": num_returns,
+                "timeout": timeout_s,
+            },
+            # The server holds the request for up to timeout_s: wait longer than that.
+            timeout=max(self.timeout_s, timeout_s + self.timeout_s),
+        )
+        return [_task(t) for t in body["tasks"]]
 
     def attempts(self, task_id: uuid.UUID | str) -> list[Attempt]:
         rows = self._call("GET", f"/v1/tasks/{task_id}/attempts")

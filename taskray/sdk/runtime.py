@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
@@ -20,6 +21,10 @@ from taskray.store import Store, default_database_url
 from taskray.store.engine import normalise_url, redacted
 
 log = logging.getLogger(__name__)
+
+#: How long the SDK trusts its view of the cluster's nodes (``ray.nodes()`` costs about a
+#: millisecond, far more on a busy cluster, and every submit consults it).
+NODE_TOTALS_MAX_AGE_S = 5.0
 
 
 class TaskBackend(Protocol):
@@ -46,18 +51,39 @@ class Runtime:
     scheduler_name: str
     #: Remote mode: the REST API stands between the SDK and the store (JSON only).
     remote: bool = False
+    #: SQLite has no notifications: the SDK tells its scheduler about new work itself.
+    wakes_scheduler: bool = False
 
     @property
     def embedded(self) -> bool:
         return self.started_ray
 
-    def node_totals(self) -> list[dict[str, float]]:
-        """Each alive node's declared resources, in Ray's names."""
-        return [
-            dict(node["Resources"])
-            for node in ray.nodes()  # type: ignore[no-untyped-call]
-            if node.get("Alive")
-        ]
+    def work_submitted(self) -> None:
+        """Wake the scheduler at once (a message to its actor, not waited on)."""
+        if self.wakes_scheduler and self.scheduler is not None:
+            self.scheduler.wake.remote()
+
+    _nodes: tuple[float, list[dict[str, float]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _nodes_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def node_totals(self, max_age_s: float = NODE_TOTALS_MAX_AGE_S) -> list[dict[str, float]]:
+        """Each alive node's declared resources, in Ray's names, as seen at most
+        ``max_age_s`` seconds ago (0: ask Ray now)."""
+        with self._nodes_lock:
+            cached = self._nodes
+            if cached is not None and time.monotonic() - cached[0] < max_age_s:
+                return cached[1]
+            totals = [
+                dict(node["Resources"])
+                for node in ray.nodes()  # type: ignore[no-untyped-call]
+                if node.get("Alive")
+            ]
+            self._nodes = (time.monotonic(), totals)
+            return totals
 
 
 _runtime: Runtime | None = None
@@ -139,7 +165,9 @@ def init(
             if started_ray:
                 ray.shutdown()
             raise
-        _runtime = Runtime(store, database_url, started_ray, scheduler, SCHEDULER_NAME)
+        _runtime = Runtime(
+            store, database_url, started_ray, scheduler, SCHEDULER_NAME, wakes_scheduler=is_sqlite
+        )
         log.info("taskray connected to %s", redacted(database_url))
         return _runtime
 

@@ -4,6 +4,8 @@ from taskray.store.engine import create_engine, default_database_url, migrate
 from taskray.store.store import (
     API_SCOPES,
     DEFAULT_LEASE_TTL_S,
+    DONE_CHANNEL,
+    WORK_CHANNEL,
     ApiKey,
     Clock,
     DatabaseClock,
@@ -16,6 +18,8 @@ from taskray.store.store import (
 __all__ = [
     "API_SCOPES",
     "DEFAULT_LEASE_TTL_S",
+    "DONE_CHANNEL",
+    "WORK_CHANNEL",
     "ApiKey",
     "QueueStats",
     "Clock",

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from platformdirs import user_data_dir
 from sqlalchemy.engine import URL, Engine, make_url
 
 from taskray.errors import InvalidTaskError, MigrationError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported only where migrations run: an executor process checks the schema
+# revision with one SELECT, and importing alembic would add about a second to every new
+# worker process's first task.
+
+#: The schema revision this taskray needs: the head of ``migrations/versions`` (a test
+#: checks the two agree).
+SCHEMA_REVISION = "0003"
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 #: PostgreSQL advisory lock key that serialises concurrent migrations ("taskray" in ASCII).
@@ -96,6 +103,8 @@ def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
 
 
 def _alembic_config(connection: sa.Connection) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
@@ -103,6 +112,10 @@ def _alembic_config(connection: sa.Connection) -> Config:
 
 
 def head_revision() -> str:
+    """The head of the migration scripts (reads them; ``SCHEMA_REVISION`` is the constant)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     head = ScriptDirectory.from_config(config).get_current_head()
@@ -112,7 +125,9 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not sa.inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
@@ -122,12 +137,14 @@ def migrate(engine: Engine, revision: str = "head") -> None:
             connection.execute(
                 sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
             )
+        from alembic import command
+
         command.upgrade(_alembic_config(connection), revision)
 
 
 def check_schema(engine: Engine) -> None:
     """Raise ``MigrationError`` unless the schema is at the head revision."""
-    current, head = current_revision(engine), head_revision()
+    current, head = current_revision(engine), SCHEMA_REVISION
     if current != head:
         raise MigrationError(
             f"database schema is at revision {current or 'none'}, this taskray needs {head}: "
