@@ -75,3 +75,17 @@ def timed_sleep_on_node(seconds: float) -> dict[str, float | int | str]:
     out: dict[str, float | int | str] = dict(timed_sleep(seconds))
     out["node"] = ray.get_runtime_context().get_node_id()
     return out
+
+
+def traced_sleep(seconds: float) -> dict[str, float | int | str]:
+    """``timed_sleep`` that also says on which Ray node it ran and when its worker process
+    was created (``born``, this host's clock), so a bench can split a task's wait into
+    waiting for a worker process, that process starting, and the task itself. Runs the same
+    under plain Ray and under taskray's executor (both run it in a Ray worker)."""
+    import psutil
+    import ray
+
+    out: dict[str, float | int | str] = dict(timed_sleep(seconds))
+    out["node"] = ray.get_runtime_context().get_node_id()
+    out["born"] = psutil.Process().create_time()
+    return out

@@ -1,30 +1,46 @@
 """Placement on a fake multi-node Ray cluster: taskray against plain Ray, one seeded workload.
 
-    .venv/bin/python bench/placement.py [--tasks 150] [--seed 1] [--repeat 3] [--profile]
+    .venv/bin/python bench/placement.py [--tasks 150] [--seed 1] [--repeat 2]
+        [--warmup none|both|taskray] [--soft-limit N] [--gpu-worker reuse|fresh]
+        [--task-timeout-factor F] [--first ray|taskray] [--profile]
 
-Cluster (``ray.cluster_utils.Cluster`` on this machine, loopback only): a head that runs
-nothing, two CPU nodes (8 CPUs, 16 GiB each) and a GPU node (8 CPUs, 4 GPUs, 32 GiB).
-Tasks only sleep, so the logical CPUs need not exist. The workload (seeded): small and
-large CPU-only tasks, large-memory tasks and 1-4 GPU tasks, 0.5-3 s each, 20% of them at
-high priority, in a mixed submission order.
+What a user gets by default. Cluster (``ray.cluster_utils.Cluster`` on this machine,
+loopback only): a head that runs nothing, two CPU nodes (8 CPUs, 16 GiB each) and a GPU
+node (8 CPUs, 4 GPUs, 32 GiB). Tasks only sleep, so the logical CPUs need not exist. The
+workload (seeded): small and large CPU-only tasks, large-memory tasks and 1-4 GPU tasks,
+0.5-3 s each, 20% of them at high priority, in a mixed submission order.
 
-(a) plain Ray: every task submitted at once as a Ray task with the same num_cpus /
-    num_gpus / memory; (b) taskray: PostgreSQL store (a database of its own, created and
-    dropped here), scheduler loop on a thread of this driver (``SchedulerConfig()``
-    defaults), all tasks submitted with one ``submit_many``.
+(a) plain Ray: a driver of its own (``ray.init(address=...)``) submits every task at once
+    as a Ray task with the same num_cpus / num_gpus / memory (one function declared
+    without GPUs, resources set per call with ``.options``); ``ray.get`` waits.
+(b) taskray, through its public SDK only, every setting at its default:
+    ``taskray.init(database_url=<a PostgreSQL database of its own>, ray_address=...)``
+    joins the cluster and starts the scheduler actor (detached, ``SchedulerConfig()``);
+    each task is ``@taskray.task`` ``.options(num_cpus=, num_gpus=, memory=, priority=)``
+    ``.submit(duration)`` in workload order (no ``worker=``, no timeout); ``taskray.get``
+    waits. Afterwards ``stop_scheduler()``, ``taskray.shutdown()`` and ``ray.shutdown()``.
 
-Every task records ``time.time()`` when its body starts and ends; wait = start - submit.
-Idle GPU-seconds: over the timeline, the GPU node's free GPUs, counted while some waiting
-GPU task asked for no more than that (the measure bench/placement_sim.py uses); time a
-leased task spends waiting for its worker process counts as waiting.
+Each run is a Ray job of its own and starts cold: before it, the bench waits until no
+worker process of an earlier run is left. ``--warmup`` (opt-in, said in the output):
+``both`` starts 8 worker processes on every node (on the GPU node 4 of them holding a GPU)
+by a barrier before each run, in the run's own job (for taskray they also import its
+executor and open its store); ``taskray`` does that before taskray's runs only (a
+prototype of a scheduler that pre-starts warm executors when it starts).
+``RAY_num_workers_soft_limit`` is Ray's default unless ``--soft-limit`` sets it for every
+Ray process.
 
-Before each run the same warm-up starts 8 worker processes on every node (on the GPU node
-4 of them holding a GPU), by a barrier; before taskray's run they also open its store.
-``RAY_num_workers_soft_limit`` (``--soft-limit``; -1 leaves Ray's default) is set for every
-Ray process, so both runs keep the same warm workers.
+Every task records ``time.time()`` when its body starts and ends, its pid, and when its
+worker process was created; wait = start - that task's submit call. Idle GPU-seconds: over
+the timeline, the GPU node's free GPUs, counted while some waiting GPU task asked for no
+more than that (the measure bench/placement_sim.py uses); time a leased task spends
+waiting for its worker process counts as waiting. taskray's lease times and attempts come
+from its database (``tasks``, ``task_attempts``); the bench splits each task's wait into
+queue (submit > lease), Ray (lease > worker process created, for a task that was its
+worker's first) and worker start (process created > body), for both systems.
 
 ``--repeat N`` alternates N runs of each on the same cluster and reports means (the runs
-are noisy on a small shared machine). ``--profile`` times the scheduler loop's calls and
+are noisy on a small shared machine). ``--profile`` (a diagnostic, not the default path)
+runs the scheduler on a thread of this driver instead of the actor, times its calls and
 splits taskray's idle GPU-seconds by why the GPU task that fit had not started, as the
 latest placement pass saw it.
 """
@@ -55,6 +71,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+import taskray
 from bench import handlers
 from bench.ray_bench_common import (
     DEFAULT_ADMIN_URL,
@@ -69,10 +86,9 @@ from bench.ray_bench_common import (
     put_repo_on_pythonpath,
     ray_processes,
     table,
-    wait_until,
+    wait_for_no_workers,
 )
-from taskray.models import Resources, TaskSpec, TaskState
-from taskray.scheduler.cluster import WORKER_METADATA_KEY
+from taskray.scheduler import actor as scheduler_actor
 from taskray.scheduler.core import Scheduler, SchedulerConfig
 from taskray.store import Store
 
@@ -143,6 +159,8 @@ class Timeline:
     end: list[float]
     node: list[str]
     pid: list[int]
+    #: When each task's worker process was created (this host's clock).
+    born: list[float]
     #: taskray only: when the scheduler leased each task (database clock, same host).
     leased: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -283,11 +301,15 @@ def measure(jobs: Sequence[Job], tl: Timeline, gpu_node: str, gpu_total: float) 
 # -- warm-up ----------------------------------------------------------------------------------
 
 
+# -- warm-up (opt-in) -------------------------------------------------------------------------
+
+
 def warm_cluster(
     nodes: Sequence[dict[str, Any]], timeout_s: float, database_url: str | None
 ) -> int:
     """8 worker processes on every node at once (on a GPU node, one per GPU hold a GPU), so
-    Ray starts them all; with ``database_url`` each also opens taskray's store."""
+    Ray starts them all; with ``database_url`` each also imports taskray's executor and
+    opens its store. Runs in the current job, whose workers the next run reuses."""
     directory = tempfile.mkdtemp(prefix="trb-warm-")
     remote = ray.remote(num_cpus=1, max_retries=0)(handlers.barrier)
     try:
@@ -313,20 +335,35 @@ def warm_cluster(
 # -- the two runs -----------------------------------------------------------------------------
 
 
-def run_plain_ray(jobs: Sequence[Job], gpu_worker: str, timeout_s: float) -> Timeline:
-    reusable = ray.remote(num_cpus=1, max_retries=0)(handlers.timed_sleep_on_node)
-    # As taskray's "fresh" executor: declared without GPUs, one call per process.
-    fresh = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(handlers.timed_sleep_on_node)
-    submit = [0.0] * len(jobs)
-    refs = []
-    for job in jobs:
-        remote = fresh if job.gpus > 0 and gpu_worker == "fresh" else reusable
-        options: dict[str, Any] = {"num_cpus": job.cpus, "num_gpus": job.gpus}
-        if job.memory:
-            options["memory"] = job.memory
-        submit[job.index] = time.time()
-        refs.append(remote.options(**options).remote(job.duration))
-    out = ray.get(refs, timeout=timeout_s)
+def cold_start(timeout_s: float = 60.0) -> None:
+    left = wait_for_no_workers(timeout_s)
+    if left:
+        print(f"# warning: {left} worker process(es) of an earlier run still there", flush=True)
+
+
+def run_plain_ray(
+    jobs: Sequence[Job], address: str, nodes: Sequence[dict[str, Any]], args: argparse.Namespace
+) -> Timeline:
+    """A driver of its own: every task at once, then ``ray.get``."""
+    cold_start()
+    ray.init(address=address, runtime_env=RUNTIME_ENV, logging_level="WARNING")
+    try:
+        warmed = warm_cluster(nodes, args.timeout, None) if args.warmup == "both" else 0
+        reusable = ray.remote(num_cpus=1, max_retries=0)(handlers.traced_sleep)
+        # As taskray's worker="fresh": declared without GPUs, one call per process.
+        fresh = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(handlers.traced_sleep)
+        submit = [0.0] * len(jobs)
+        refs = []
+        for job in jobs:
+            remote = fresh if job.gpus > 0 and args.gpu_worker == "fresh" else reusable
+            options: dict[str, Any] = {"num_cpus": job.cpus, "num_gpus": job.gpus}
+            if job.memory:
+                options["memory"] = job.memory
+            submit[job.index] = time.time()
+            refs.append(remote.options(**options).remote(job.duration))
+        out = ray.get(refs, timeout=args.timeout)
+    finally:
+        ray.shutdown()
     return Timeline(
         "plain Ray",
         submit,
@@ -334,93 +371,152 @@ def run_plain_ray(jobs: Sequence[Job], gpu_worker: str, timeout_s: float) -> Tim
         [float(r["end"]) for r in out],
         [str(r["node"]) for r in out],
         [int(r["pid"]) for r in out],
+        [float(r["born"]) for r in out],
+        extra={"warmed": warmed},
     )
 
 
-def specs_for(jobs: Sequence[Job], gpu_worker: str, timeout_factor: float) -> list[TaskSpec]:
-    return [
-        TaskSpec(
-            type="bench.handlers:timed_sleep",
-            payload={"args": [job.duration]},
-            queue="placement",
-            priority=job.priority,
-            resources=Resources(num_cpus=job.cpus, num_gpus=job.gpus, memory=job.memory),
-            metadata={WORKER_METADATA_KEY: gpu_worker} if job.gpus > 0 else {},
-            timeout_s=round(timeout_factor * job.duration + 1.0, 3) if timeout_factor else None,
-        )
-        for job in jobs
-    ]
+def task_options(job: Job, args: argparse.Namespace) -> dict[str, Any]:
+    """The job's ``.options(...)``: its resources and priority, nothing else by default."""
+    options: dict[str, Any] = {"num_cpus": job.cpus, "num_gpus": job.gpus}
+    if job.memory:
+        options["memory"] = job.memory
+    if job.priority:
+        options["priority"] = job.priority
+    if job.gpus > 0 and args.gpu_worker == "fresh":
+        options["worker"] = "fresh"
+    if args.task_timeout_factor:
+        options["timeout"] = round(args.task_timeout_factor * job.duration + 1.0, 3)
+    return options
 
 
 def run_taskray(
-    jobs: Sequence[Job], url: str, args: argparse.Namespace, profiler: LoopProfiler | None
+    jobs: Sequence[Job],
+    url: str,
+    address: str,
+    nodes: Sequence[dict[str, Any]],
+    args: argparse.Namespace,
+    profiler: LoopProfiler | None,
 ) -> Timeline:
-    store = Store.open(url, migrate=False)
-    scheduler_store = Store.open(url, migrate=False)
+    """taskray as a user runs it: ``init`` (the scheduler actor), ``submit``, ``get``.
+
+    With ``profiler``, the scheduler runs on a thread of this driver instead of the actor
+    (same ``SchedulerConfig()``), so its calls can be timed."""
+    cold_start()
+    runtime = taskray.init(
+        database_url=url,
+        ray_address=address,
+        runtime_env=RUNTIME_ENV,
+        start_scheduler_actor=profiler is None,
+    )
+    thread: SchedulerThread | None = None
+    scheduler_store: Store | None = None
+    report = ""
     try:
-        scheduler = Scheduler(scheduler_store, url, SchedulerConfig())
+        warmed = warm_cluster(nodes, args.timeout, url) if args.warmup != "none" else 0
         if profiler is not None:
+            scheduler_store = Store.open(url, migrate=False)
+            scheduler = Scheduler(scheduler_store, url, SchedulerConfig())
             profiler.instrument(scheduler)
-        specs = specs_for(jobs, args.gpu_worker, args.task_timeout_factor)
-        with SchedulerThread(scheduler) as thread:
-            if profiler is not None:
-                profiler.reset()
-            submitted_at = time.time()
-            ids = [r.task.id for r in store.submit_many(specs)]
-
-            def done() -> bool:
-                counts = store.count_by_status(queue="placement")
-                bad = {
-                    s: c
-                    for s, c in counts.items()
-                    if s.is_terminal and s is not TaskState.SUCCEEDED
-                }
-                if bad:
-                    raise RuntimeError(f"tasks ended badly: {bad}")
-                return counts.get(TaskState.SUCCEEDED, 0) == len(jobs)
-
-            wait_until(done, args.timeout, "taskray run", interval_s=0.05, check=thread.check)
-            report = profiler.report("taskray scheduler loop, placement run") if profiler else ""
+            thread = SchedulerThread(scheduler).__enter__()
+            profiler.reset()
+        sleeper = taskray.task(handlers.traced_sleep)
+        submit = [0.0] * len(jobs)
+        handles = []
+        for job in jobs:
+            submit[job.index] = time.time()
+            handles.append(sleeper.options(**task_options(job, args)).submit(job.duration))
+        out = taskray.get(handles, timeout=args.timeout, progress=False)
+        if thread is not None and profiler is not None:
+            thread.check()
+            status = thread.scheduler.status()
+            report = profiler.report("taskray scheduler loop, placement run")
+        else:
+            status = ray.get(runtime.scheduler.status.remote(), timeout=30)
+        store = runtime.store
+        tasks = store.get_many([h.id for h in handles])  # type: ignore[attr-defined]
+        attempts = [store.attempts(h.id) for h in handles]
+    finally:
+        if thread is not None:
+            thread.__exit__(None, None, None)
         if profiler is not None:
             profiler.restore()
-        tasks = store.get_many(ids)
-    finally:
-        scheduler_store.close()
-        store.close()
-    for t in tasks:
-        assert t.result is not None and t.node_id is not None and t.leased_at is not None
-    lifecycle = {
-        "ready>leased": [(t.leased_at - t.scheduled_at).total_seconds() for t in tasks],  # type: ignore[operator]
-        "leased>body (gpu)": [
-            t.result["start"] - t.leased_at.timestamp()  # type: ignore[union-attr]
-            for t in tasks
-            if t.resources.num_gpus > 0
-        ],
-        "leased>body (cpu)": [
-            t.result["start"] - t.leased_at.timestamp()  # type: ignore[union-attr]
-            for t in tasks
-            if t.resources.num_gpus == 0
-        ],
-        "body end>committed": [
-            t.completed_at.timestamp() - t.result["end"]  # type: ignore[union-attr]
-            for t in tasks
-        ],
-    }
+        if scheduler_store is not None:
+            scheduler_store.close()
+        scheduler_actor.stop_scheduler()
+        taskray.shutdown()
+        ray.shutdown()
+    for task, tried in zip(tasks, attempts, strict=True):
+        assert task.leased_at is not None and task.node_id is not None and tried
     return Timeline(
         "taskray",
-        [submitted_at] * len(jobs),
-        [float(t.result["start"]) for t in tasks],
-        [float(t.result["end"]) for t in tasks],
+        submit,
+        [float(r["start"]) for r in out],
+        [float(r["end"]) for r in out],
         [str(t.node_id) for t in tasks],
-        [int(t.result["pid"]) for t in tasks],
+        [int(r["pid"]) for r in out],
+        [float(r["born"]) for r in out],
         leased=[t.leased_at.timestamp() for t in tasks],  # type: ignore[union-attr]
         extra={
-            "lifecycle": lifecycle,
+            "warmed": warmed,
+            "attempts": [len(a) for a in attempts],
+            "committed": [t.completed_at.timestamp() for t in tasks],  # type: ignore[union-attr]
             "profile": report,
             "profiler": profiler,
-            "totals": dict(scheduler.totals),
+            "status": status,
         },
     )
+
+
+# -- where the waiting goes -------------------------------------------------------------------
+
+
+def first_on_worker(tl: Timeline) -> list[bool]:
+    """Per task: was it the first its worker process ran (a cold start, unless warmed)?"""
+    first: dict[int, int] = {}
+    for i in sorted(range(len(tl.pid)), key=tl.start.__getitem__):
+        first.setdefault(tl.pid[i], i)
+    return [first[tl.pid[i]] == i for i in range(len(tl.pid))]
+
+
+def segments(jobs: Sequence[Job], tl: Timeline) -> dict[str, list[float]]:
+    """Each task's wait split into segments, seconds. A task "on a new worker" was the
+    first its worker process ran and that process did not exist when it was submitted; its
+    wait is then (taskray) submit > leased > worker process created > body, or (plain
+    Ray, which leases a worker when it has room) submit > worker process created > body.
+    Worker created > body is Ray starting the process, importing, and (taskray) the
+    executor opening its store and marking the task started."""
+    firsts = first_on_worker(tl)
+    since = "leased" if tl.leased is not None else "submit"
+    out: dict[str, list[float]] = {}
+    for job in jobs:
+        i = job.index
+        kind = "gpu" if job.gpus > 0 else "cpu"
+        ref = tl.leased[i] if tl.leased is not None else tl.submit[i]
+        found: list[tuple[str, float]] = []
+        if tl.leased is not None:
+            found.append((f"submit > leased [{kind}]", tl.leased[i] - tl.submit[i]))
+        if firsts[i] and tl.born[i] > tl.submit[i]:
+            found.append((f"{since} > worker created, new worker [{kind}]", tl.born[i] - ref))
+            found.append((f"worker created > body, new worker [{kind}]", tl.start[i] - tl.born[i]))
+        else:
+            found.append((f"{since} > body, warm worker [{kind}]", tl.start[i] - ref))
+        for name, value in found:
+            out.setdefault(name, []).append(value)
+    return out
+
+
+def worker_counts(jobs: Sequence[Job], tl: Timeline) -> dict[str, float]:
+    """Tasks that ran on a worker process created after they were submitted, by kind; and
+    when the first GPU task's body started, after the first submit."""
+    firsts = first_on_worker(tl)
+    new = [j for j in jobs if firsts[j.index] and tl.born[j.index] > tl.submit[j.index]]
+    first_gpu = min((tl.start[j.index] for j in jobs if j.gpus > 0), default=math.nan)
+    return {
+        "new workers (gpu tasks)": float(sum(1 for j in new if j.gpus > 0)),
+        "new workers (cpu tasks)": float(sum(1 for j in new if j.gpus == 0)),
+        "first GPU body after first submit, s": first_gpu - min(tl.submit),
+    }
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -441,7 +537,8 @@ def describe(jobs: Sequence[Job]) -> str:
     return f"{len(jobs)} tasks ({parts}); {high} high priority"
 
 
-TARGETS = {"high mean": 0.4, "idle gpu-s": 0.5, "makespan": 1.0}
+#: The issue's targets, taskray / plain Ray.
+TARGETS = {"high mean": 0.4, "idle gpu-s": 0.5, "makespan": 0.9}
 METRICS = [
     ("high mean", "high-priority wait mean, s", 2),
     ("high p95", "high-priority wait p95, s", 2),
@@ -456,8 +553,12 @@ METRICS = [
     ("cpu on gpu", "CPU-only tasks run on GPU node", 1),
     ("cpu on gpu blocking", "  started while a GPU task fit", 1),
     ("workers", "worker processes used", 1),
+    ("new workers (gpu tasks)", "GPU tasks on a new worker process", 1),
+    ("new workers (cpu tasks)", "CPU tasks on a new worker process", 1),
+    ("first GPU body after first submit, s", "first GPU task started after, s", 2),
     ("last submit", "last submit after first, s", 3),
 ]
+NO_RATIO = ("idle gpu-s leased",)
 
 
 def verdict(key: str, ratio: float) -> str:
@@ -467,22 +568,43 @@ def verdict(key: str, ratio: float) -> str:
     return f"<= {target:.1f}: " + ("met" if ratio <= target + EPS else "MISSED")
 
 
+def segment_table(runs: Sequence[Timeline], jobs: Sequence[Job]) -> str:
+    found: dict[str, list[float]] = {}
+    for run in runs:
+        for name, values in segments(jobs, run).items():
+            found.setdefault(name, []).extend(values)
+    return table(
+        ["segment", "n", "mean", "p50", "p95", "max"],
+        [
+            [
+                name,
+                len(values),
+                fmt(1e3 * mean(values), 0),
+                fmt(1e3 * percentile(values, 50), 0),
+                fmt(1e3 * percentile(values, 95), 0),
+                fmt(1e3 * max(values), 0),
+            ]
+            for name, values in sorted(found.items())
+        ],
+    )
+
+
 def print_report(
     jobs: Sequence[Job],
     ray_ms: Sequence[dict[str, float]],
     tr_ms: Sequence[dict[str, float]],
-    taskray_runs: Sequence[Timeline],
+    runs: dict[str, list[Timeline]],
 ) -> None:
     reps = len(ray_ms)
     rows: list[list[object]] = []
     for key, label, digits in METRICS:
         a = mean([m[key] for m in ray_ms])
         b = mean([m[key] for m in tr_ms])
-        ratio = b / a if a > 0 and key != "idle gpu-s leased" else math.nan
+        ratio = b / a if a > 0 and key not in NO_RATIO else math.nan
         rows.append(
             [
                 label,
-                "-" if key == "idle gpu-s leased" else fmt(a, digits),
+                "-" if key in NO_RATIO else fmt(a, digits),
                 fmt(b, digits),
                 "" if math.isnan(ratio) else fmt(ratio, 2),
                 verdict(key, ratio),
@@ -507,27 +629,22 @@ def print_report(
                 per_rep,
             )
         )
-    lifecycle: dict[str, list[float]] = {}
-    for run in taskray_runs:
-        for name, values in run.extra["lifecycle"].items():
-            lifecycle.setdefault(name, []).extend(values)
-    print()
-    print("taskray task lifecycle, ms (leased/committed: database clock; body: task clock)")
-    print(
-        table(
-            ["segment", "n", "mean", "p50", "p95", "max"],
-            [
-                [
-                    name,
-                    len(values),
-                    fmt(1e3 * mean(values), 0),
-                    fmt(1e3 * percentile(values, 50), 0),
-                    fmt(1e3 * percentile(values, 95), 0),
-                    fmt(1e3 * max(values), 0) if values else "n/a",
-                ]
-                for name, values in lifecycle.items()
-            ],
+    for which, label in (("ray", "plain Ray"), ("taskray", "taskray")):
+        print()
+        print(
+            f"{label}: where each task's wait went, ms (all runs; lease: database clock, "
+            "the rest: this host's clock)"
         )
+        print(segment_table(runs[which], jobs))
+    committed = [
+        c - e
+        for run in runs["taskray"]
+        for c, e in zip(run.extra["committed"], run.end, strict=True)
+    ]
+    retried = sum(sum(n > 1 for n in run.extra["attempts"]) for run in runs["taskray"])
+    print(
+        f"taskray body end > committed: mean {1e3 * mean(committed):.0f} ms, p95 "
+        f"{1e3 * percentile(committed, 95):.0f} ms; tasks with more than one attempt: {retried}"
     )
 
 
@@ -572,28 +689,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternating")
     parser.add_argument(
+        "--warmup",
+        choices=("none", "both", "taskray"),
+        default="none",
+        help="start 8 worker processes per node before each run: none (the default: what a "
+        "user gets), both, or taskray's runs only (with its executor imported)",
+    )
+    parser.add_argument(
         "--soft-limit",
         type=int,
-        default=16,
-        help="RAY_num_workers_soft_limit for every Ray process (-1: Ray's default)",
+        default=-1,
+        help="RAY_num_workers_soft_limit for every Ray process (-1, the default: Ray's own)",
     )
     parser.add_argument(
         "--gpu-worker",
         choices=("reuse", "fresh"),
         default="reuse",
-        help="GPU tasks in warm worker processes, or a new process each (taskray's default "
-        "for GPU tasks); the same for both runs",
+        help="GPU tasks in warm worker processes (the default of both), or a new process each "
+        '(taskray: worker="fresh"; plain Ray: max_calls=1)',
     )
     parser.add_argument(
         "--task-timeout-factor",
         type=float,
         default=0.0,
-        help="give each taskray task timeout_s = F * duration + 1 (lets the policy backfill "
-        "around a reservation); 0: no timeouts",
+        help="give each taskray task timeout = F * duration + 1 s (lets the policy backfill "
+        "around a reservation); 0, the default: no timeouts",
     )
     parser.add_argument("--first", choices=("ray", "taskray"), default="ray", help="run order")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the worker warm-up")
-    parser.add_argument("--profile", action="store_true", help="time the scheduler loop")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="diagnostic: the scheduler on a driver thread (not the actor), its calls timed",
+    )
     parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL, help="PostgreSQL admin URL")
     parser.add_argument("--timeout", type=float, default=300.0, help="limit per run, s")
     args = parser.parse_args(argv)
@@ -610,68 +737,80 @@ def main(argv: Sequence[str] | None = None) -> None:
     gpu_node = ""
     try:
         cluster = start_cluster()
-        ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, logging_level="WARNING")
+        address = cluster.address
+        ray.init(address=address, logging_level="WARNING")
         cluster.wait_for_nodes()
         nodes = [n for n in ray.nodes() if n["Alive"]]
+        ray.shutdown()  # every run is a job (a driver) of its own
         gpu_node = next(n["NodeID"] for n in nodes if n["Resources"].get("GPU"))
         addresses = sorted({n["NodeManagerAddress"] for n in nodes})
         print(
             f"# Ray {ray.__version__}: head (0 CPUs) + 2 CPU nodes (8 CPUs, 16 GiB) + GPU node "
             f"(8 CPUs, 4 GPUs, 32 GiB); node addresses {', '.join(addresses)}; "
-            f"{os.cpu_count()} real cores"
+            f"{os.cpu_count()} real cores; load average {os.getloadavg()[0]:.1f}"
         )
-        soft_limit = os.environ.get("RAY_num_workers_soft_limit", "(Ray default)")  # noqa: SIM112
+        soft_limit = os.environ.get("RAY_num_workers_soft_limit", "Ray's default")  # noqa: SIM112
+        warmup = {
+            "none": "none (every run starts with no worker process)",
+            "both": "8 workers per node before each run, both systems",
+            "taskray": "8 workers per node (executor imported) before taskray's runs only",
+        }[args.warmup]
         print(
-            f"# RAY_num_workers_soft_limit={soft_limit}; GPU tasks run in {args.gpu_worker} "
-            "worker processes in both runs; warm-up: "
-            + ("none" if args.no_warmup else "8 workers per node before each run")
-            + "; taskray task timeouts: "
+            f"# taskray: SDK + scheduler actor, SchedulerConfig() and task options at their "
+            f"defaults; GPU tasks: {args.gpu_worker} workers in both runs; taskray task "
+            "timeouts: "
             + (
                 f"{args.task_timeout_factor:g} x duration + 1 s"
                 if args.task_timeout_factor
                 else "none"
             )
+            + ("; PROFILE: scheduler on a driver thread" if args.profile else "")
         )
+        print(f"# warm-up: {warmup}; RAY_num_workers_soft_limit: {soft_limit}")
         print(f"# workload seed {args.seed}: {describe(jobs)}", flush=True)
         order = ("ray", "taskray") if args.first == "ray" else ("taskray", "ray")
         for rep in range(args.repeat):
             for which in order:
                 if which == "ray":
-                    if not args.no_warmup:
-                        warm_cluster(nodes, args.timeout, None)
-                    runs["ray"].append(run_plain_ray(jobs, args.gpu_worker, args.timeout))
+                    runs["ray"].append(run_plain_ray(jobs, address, nodes, args))
                 else:
                     with postgres_database(args.admin_url) as url:
-                        Store.open(url).close()  # migrates the new database
-                        if not args.no_warmup:
-                            warm_cluster(nodes, args.timeout, url)
                         profiler = LoopProfiler(keep_plans=True) if args.profile else None
-                        runs["taskray"].append(run_taskray(jobs, url, args, profiler))
+                        runs["taskray"].append(
+                            run_taskray(jobs, url, address, nodes, args, profiler)
+                        )
                 done = runs[which][-1]
                 print(
                     f"# run {rep + 1} {done.label}: makespan "
-                    f"{max(done.end) - min(done.submit):.1f}s",
+                    f"{max(done.end) - min(done.submit):.1f}s, load average "
+                    f"{os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
     finally:
         before = ray_processes(ray_tmpdir)
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
         killed = ensure_ray_gone(before, ray_tmpdir)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
     gpu_total = float(GPU_NODE["num_gpus"])  # type: ignore[arg-type]
-    ray_ms = [measure(jobs, tl, gpu_node, gpu_total) for tl in runs["ray"]]
-    tr_ms = [measure(jobs, tl, gpu_node, gpu_total) for tl in runs["taskray"]]
+    ray_ms = [
+        measure(jobs, tl, gpu_node, gpu_total) | worker_counts(jobs, tl) for tl in runs["ray"]
+    ]
+    tr_ms = [
+        measure(jobs, tl, gpu_node, gpu_total) | worker_counts(jobs, tl) for tl in runs["taskray"]
+    ]
     print()
-    print_report(jobs, ray_ms, tr_ms, runs["taskray"])
+    print_report(jobs, ray_ms, tr_ms, runs)
     if args.profile:
         print_profile(jobs, runs["taskray"], gpu_total, gpu_node)
+    status = runs["taskray"][-1].extra["status"]
     print()
     print(
         f"# total {time.monotonic() - began:.0f}s; scheduler totals (last run) "
-        f"{runs['taskray'][-1].extra['totals']}; Ray processes left and killed: {killed}"
+        f"{status.get('totals')}; Ray processes left and killed: {killed}"
     )
 
 

@@ -391,3 +391,38 @@ class LoopProfiler:
                 f"CPU {lagged['CPU']}/{len(views)}, GPU {lagged['GPU']}/{len(views)}"
             )
         return "\n".join(lines)
+
+
+# -- cold starts: no worker process of an earlier run left -----------------------------------
+
+#: Titles of Ray's per-node helper processes: not worker processes.
+_RAY_HELPERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def ray_worker_processes() -> list[psutil.Process]:
+    """Ray worker processes among this process's descendants (a cluster it started):
+    idle ones (``ray::IDLE``), ones running a task or an actor, and ones still starting."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        title = " ".join(cmdline)
+        if title.startswith(_RAY_HELPERS):
+            continue
+        if title.startswith("ray::") or "default_worker.py" in title:
+            found.append(proc)
+    return found
+
+
+def wait_for_no_workers(timeout_s: float = 30.0) -> int:
+    """Wait until no Ray worker process of ours is left (the job that used them ended), so
+    the next run starts as cold as a new user's would; returns how many are still there
+    after ``timeout_s`` (0: none)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = ray_worker_processes()
+        if not left or time.monotonic() > deadline:
+            return len(left)
+        time.sleep(0.2)  # Ray ends a finished job's workers asynchronously

@@ -167,7 +167,7 @@ def _store_for(database_url: str) -> Store:
     if store is None:
         options = None if database_url.startswith("sqlite") else _EXECUTOR_POOL
         store = _stores[database_url] = Store.open(
-            database_url, migrate=False, engine_options=options
+            database_url, migrate=False, engine_options=options, relaxed_commits=True
         )
     return store
 

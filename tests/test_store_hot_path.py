@@ -186,3 +186,25 @@ def test_a_retry_is_not_timed_out_by_its_previous_start(hot_store: Store, clock:
         clock.advance(2)
         assert hot_store.timed_out() == [(task_id, grant.lease_id, 1.0)]
     assert hot_store.lease_states([task_id]) == {task_id: (TaskState.RUNNING, grant.lease_id)}
+
+
+@pytest.mark.postgres
+def test_relaxed_commits_keep_results_durable(database_url: str, backend: str) -> None:
+    """A scheduler's or executor's store commits without waiting for the disk, except the
+    transactions that must survive a server crash (a result)."""
+    if backend != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+    store = Store.open(database_url, migrate=False, relaxed_commits=True)
+    try:
+        with store.transaction() as (connection, _):
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+            store._durable(connection)
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+        with store.transaction() as (connection, _):
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+        (task_id,) = submit_n(store, 1)
+        ((_, lease),) = lease_all(store, [task_id])
+        assert store.complete_many([Success(task_id, lease, 7)]).committed == [task_id]
+        assert store.get(task_id).result == 7
+    finally:
+        store.close()

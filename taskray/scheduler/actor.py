@@ -26,7 +26,16 @@ class _SchedulerActor:
     def __init__(self, database_url: str, config: SchedulerConfig | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        self._store = Store.open(database_url, migrate=False)
+        # Its loop retries every failed pass, so no pre-ping per transaction; its writes are
+        # all ones a server crash may lose without harm (Store.relaxed_commits).
+        self._store = Store.open(
+            database_url,
+            migrate=False,
+            relaxed_commits=True,
+            engine_options=None
+            if database_url.startswith("sqlite")
+            else {"pool_pre_ping": False, "pool_size": 2, "max_overflow": 2},
+        )
         # The actor id survives restarts: a restarted incarnation takes the lease over at
         # once (with a new epoch) instead of waiting for its predecessor's to run out.
         holder = f"actor:{ray.get_runtime_context().get_actor_id()}"

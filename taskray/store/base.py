@@ -167,6 +167,7 @@ class StoreBase:
         rng: random.Random | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        relaxed_commits: bool = False,
     ) -> None:
         self.engine = engine
         self.clock: Clock = clock or DatabaseClock()
@@ -177,6 +178,14 @@ class StoreBase:
         #: PostgreSQL's own ``now()`` can stand in the statements for the clock (no
         #: ``SELECT now()`` round trip per transaction) unless a test injected a clock.
         self.sql_clock = self.is_postgres and isinstance(self.clock, DatabaseClock)
+        #: Commits return before the disk has them, except those that must not be lost
+        #: (``_durable``: results, submits, cancels). Safe for the rest: the WAL is
+        #: replayed in order, so a server crash loses a suffix of such writes, never one
+        #: in the middle, and each of them is one the system already recovers from: a
+        #: lost lease, start or heartbeat puts the task back to be run again (its
+        #: executor's commit is then refused by the fence), a lost failure record is
+        #: found again by the reaper. At-least-once execution and exactly-once commit hold.
+        self.relaxed_commits = relaxed_commits and self.is_postgres
 
     @classmethod
     def open(
@@ -185,6 +194,7 @@ class StoreBase:
         *,
         migrate: bool = True,
         engine_options: dict[str, Any] | None = None,
+        relaxed_commits: bool = False,
         **options: Any,
     ) -> Self:
         """Connect to ``url`` (default: ``TASKRAY_DATABASE_URL`` or the embedded SQLite file).
@@ -193,7 +203,9 @@ class StoreBase:
         a schema at another revision raises ``MigrationError``.
         """
         url = url or engines.default_database_url()
-        engine = engines.create_engine(url, **(engine_options or {}))
+        engine = engines.create_engine(
+            url, relaxed_commits=relaxed_commits, **(engine_options or {})
+        )
         try:
             if migrate:
                 engines.migrate(engine)
@@ -207,7 +219,7 @@ class StoreBase:
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine, **options)
+        return cls(engine, relaxed_commits=relaxed_commits, **options)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -227,6 +239,15 @@ class StoreBase:
             yield connection, self.clock.now(connection)
 
     @contextmanager
+    def read_transaction(self) -> Iterator[tuple[Connection, datetime]]:
+        """A transaction that only reads: on SQLite it takes no write lock (WAL readers
+        never wait), so reads do not queue behind the executors' writes."""
+        with self._errors(), self.engine.connect() as connection:
+            connection.execution_options(**{engines.READ_ONLY: True})
+            with connection.begin():
+                yield connection, self.clock.now(connection)
+
+    @contextmanager
     def _errors(self) -> Iterator[None]:
         """Driver errors as the store's own: bad input, or a store that cannot be reached."""
         try:
@@ -242,6 +263,12 @@ class StoreBase:
             raise StoreUnavailableError(
                 f"the task store cannot be reached ({type(exc.orig).__name__})"
             ) from None
+
+    def _durable(self, connection: Connection) -> None:
+        """This transaction's commit waits for the disk, whatever the session's default
+        (a result, a submit or a cancel must survive a server crash once acknowledged)."""
+        if self.relaxed_commits:
+            connection.exec_driver_sql("SET LOCAL synchronous_commit = on")
 
     def _lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
         # SQLite has no row locks; its IMMEDIATE transactions already exclude other writers.

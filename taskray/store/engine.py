@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,11 +57,18 @@ def redacted(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+def create_engine(url: str | URL, *, relaxed_commits: bool = False, **kwargs: Any) -> Engine:
+    """An engine for ``url``. With ``relaxed_commits`` (PostgreSQL) a commit returns before
+    its WAL reaches the disk (``synchronous_commit=off``), unless the transaction asks for a
+    durable commit itself (``Store._durable``): for the scheduler and the executors, whose
+    every write but a result can be lost in a server crash without harm (see
+    ``StoreBase.relaxed_commits``)."""
     parsed = normalise_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, **kwargs)
     options: dict[str, Any] = {"pool_pre_ping": True}
+    if relaxed_commits:
+        options["connect_args"] = {"options": "-c synchronous_commit=off"}
     if "poolclass" not in kwargs:
         options.update(pool_size=5, max_overflow=10)
     options.update(
@@ -97,9 +106,43 @@ def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        if connection.get_execution_options().get(READ_ONLY):
+            # WAL readers never wait for the writer: a read takes no lock up front.
+            raw.execute("BEGIN")
+            return
+        _begin_immediate(raw)
 
     return engine
+
+
+#: Execution option of a connection whose transaction only reads (SQLite: no write lock).
+READ_ONLY = "taskray_read_only"
+#: Longest wait for SQLite's write lock before giving up (as busy_timeout did).
+SQLITE_LOCK_WAIT_S = 30.0
+
+
+def _begin_immediate(raw: Any) -> None:
+    """Take SQLite's write lock, retrying every fraction of a millisecond while another
+    process holds it. SQLite's own busy handler sleeps in steps that grow to 50-100 ms, so a
+    writer would wait far longer than the few milliseconds the lock is held (the executors,
+    the scheduler and the SDK all write in short transactions)."""
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + SQLITE_LOCK_WAIT_S
+        pause = 0.0002
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.005)
+    finally:
+        raw.execute("PRAGMA busy_timeout=30000")
 
 
 def _alembic_config(connection: sa.Connection) -> Config:

@@ -96,7 +96,7 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         """Up to ``limit`` ready tasks, highest priority first, then oldest; without their
         payloads. An index range scan (``ix_tasks_ready``): its cost does not grow with
         the number of queued or finished tasks."""
-        with self._errors(), self.engine.begin() as connection:
+        with self.read_transaction() as (connection, _):
             now, _ = self._sql_now(connection)
             query = (
                 sa.select(*_READY_COLUMNS)
@@ -384,6 +384,7 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         if not successes:
             return BatchCommit([], [])
         with self._errors(), self.engine.begin() as connection:
+            self._durable(connection)
             now, now_value = self._sql_now(connection)
             if self.is_postgres and self.sql_clock:
                 done = set(
@@ -543,7 +544,7 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
     def timed_out(self, limit: int = 1000) -> list[tuple[uuid.UUID, uuid.UUID, float]]:
         """Running tasks past their timeout: (task, lease, timeout in seconds). Reads only
         live rows (``ix_tasks_live_expiry``), which the cluster's size bounds."""
-        with self.transaction() as (connection, now):
+        with self.read_transaction() as (connection, now):
             rows = connection.execute(
                 sa.select(tasks.c.id, tasks.c.lease_id, tasks.c.started_at, tasks.c.timeout_ms)
                 .where(
@@ -565,7 +566,7 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         """Each task's state and current lease (to find work whose lease was taken away)."""
         if not task_ids:
             return {}
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             rows = connection.execute(
                 sa.select(tasks.c.id, tasks.c.status, tasks.c.lease_id).where(
                     tasks.c.id.in_(list(task_ids))

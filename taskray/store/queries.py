@@ -34,7 +34,7 @@ class QueueStats:
 
 class QueriesMixin(StoreBase):
     def get(self, task_id: uuid.UUID | str, *, tenant: str | None = None) -> Task:
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             return _task(self._one(connection, _as_uuid(task_id), tenant, lock=False))
 
     def get_many(
@@ -47,7 +47,7 @@ class QueriesMixin(StoreBase):
         query = sa.select(tasks).where(tasks.c.id.in_(set(ids)))
         if tenant is not None:
             query = query.where(tasks.c.tenant == tenant)
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             found = {r["id"]: _task(r) for r in connection.execute(query).mappings()}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -56,7 +56,7 @@ class QueriesMixin(StoreBase):
 
     def attempts(self, task_id: uuid.UUID | str, *, tenant: str | None = None) -> list[Attempt]:
         task_uuid = _as_uuid(task_id)
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             self._one(connection, task_uuid, tenant, lock=False)
             rows = connection.execute(
                 sa.select(task_attempts)
@@ -66,7 +66,7 @@ class QueriesMixin(StoreBase):
             return [_attempt(r) for r in rows]
 
     def upstreams(self, task_id: uuid.UUID | str) -> list[uuid.UUID]:
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             return list(
                 connection.execute(
                     sa.select(task_edges.c.upstream_id)
@@ -77,12 +77,12 @@ class QueriesMixin(StoreBase):
 
     def now(self) -> datetime:
         """The store's time (the database clock, or the injected one)."""
-        with self.transaction() as (_, now):
+        with self.read_transaction() as (_, now):
             return now
 
     def live_tasks(self) -> list[Task]:
         """Tasks holding a lease (leased or running): what is placed on nodes right now."""
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             rows = connection.execute(
                 sa.select(tasks).where(tasks.c.status.in_(LIVE)).order_by(tasks.c.leased_at)
             ).mappings()
@@ -96,7 +96,7 @@ class QueriesMixin(StoreBase):
             query = query.where(tasks.c.tenant == tenant)
         if queue is not None:
             query = query.where(tasks.c.queue == queue)
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             return {TaskState(s): n for s, n in connection.execute(query)}
 
     def list_tasks(
@@ -143,7 +143,7 @@ class QueriesMixin(StoreBase):
                     sa.and_(tasks.c.created_at == at, tasks.c.id > last_id),
                 )
             )
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             return [_task(r) for r in connection.execute(query).mappings()]
 
     def queue_stats(
@@ -161,7 +161,7 @@ class QueriesMixin(StoreBase):
             return query
 
         terminal = [s.value for s in TaskState if s.is_terminal]
-        with self.transaction() as (connection, now):
+        with self.read_transaction() as (connection, now):
             depth = connection.execute(
                 scoped(
                     sa.select(tasks.c.queue, tasks.c.status, tasks.c.priority, sa.func.count())
@@ -218,7 +218,7 @@ class QueriesMixin(StoreBase):
         Ready means queued with ``scheduled_at`` come; a task whose upstreams have not
         all succeeded is ``blocked``, never queued.
         """
-        with self.transaction() as (connection, now):
+        with self.read_transaction() as (connection, now):
             rows = connection.execute(self._ready(now, queues).limit(limit)).mappings()
             return [_task(r) for r in rows]
 
@@ -229,6 +229,6 @@ class QueriesMixin(StoreBase):
         )
         if queues is not None:
             query = query.where(tasks.c.queue.in_(list(queues)))
-        with self.transaction() as (connection, _):
+        with self.read_transaction() as (connection, _):
             value = connection.execute(query).scalar_one_or_none()
         return None if value is None else _aggregate_datetime(value)

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from taskray.errors import CycleError, InvalidTaskError, UnknownTaskError
 from taskray.models import FAILED_STATES, SubmitResult, Task, TaskSpec, TaskState
 from taskray.store.base import StoreBase, _as_uuid, _task
+from taskray.store.notifications import WORK_CHANNEL
 from taskray.store.tables import task_edges, tasks
 
 
@@ -116,6 +117,7 @@ class SubmitMixin(StoreBase):
         external: list[list[uuid.UUID]],
     ) -> list[SubmitResult]:
         with self.transaction() as (connection, now):
+            self._durable(connection)
             existing: dict[tuple[str, str], Task] = {}
             keyed = {(s.tenant, s.idempotency_key) for s in batch if s.idempotency_key}
             if keyed:
@@ -201,10 +203,12 @@ class SubmitMixin(StoreBase):
                     existing[(spec.tenant, spec.idempotency_key)] = task
                 rows_to_insert.append(self._row(task))
                 edges.extend((up_id, task.id) for up_id in states)
-            self._insert_tasks(connection, rows_to_insert)
+            ready_now = any(r["status"] == TaskState.QUEUED.value for r in rows_to_insert)
+            # On PostgreSQL the insert itself notifies (one round trip fewer per submit).
+            notified = self._insert_tasks(connection, rows_to_insert, notify=ready_now)
             if edges:
                 self._insert_edges(connection, edges)
-            if any(r["status"] == TaskState.QUEUED.value for r in rows_to_insert):
+            if ready_now and not notified:
                 self._notify_work(connection)
             if any(r["status"] == TaskState.UPSTREAM_FAILED.value for r in rows_to_insert):
                 # Born finished: an upstream had already failed.
@@ -253,13 +257,16 @@ class SubmitMixin(StoreBase):
         "last_error text, labels jsonb, metadata jsonb"
     )
 
-    def _insert_tasks(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+    def _insert_tasks(
+        self, connection: Connection, rows: list[dict[str, Any]], *, notify: bool = False
+    ) -> bool:
+        """Insert the rows; True if the statement also sent the new-work notification."""
         if not rows:
-            return
+            return False
         if not self.is_postgres:
             # SQLite runs in-process: executemany has no round trips to save.
             connection.execute(sa.insert(tasks), rows)
-            return
+            return False
         # One statement and one round trip for the whole batch: the rows travel as a
         # single JSON document. A multi-row VALUES would hit PostgreSQL's 65,535
         # parameter limit at ~2,000 rows, and executemany costs a round trip per page.
@@ -280,13 +287,17 @@ class SubmitMixin(StoreBase):
             ],
             separators=(",", ":"),
         )
-        connection.execute(
-            sa.text(
-                f"INSERT INTO tasks ({columns}) SELECT {columns} "
-                f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r({self._PG_RECORD})"
-            ),
-            {"rows": document},
+        insert = (
+            f"INSERT INTO tasks ({columns}) SELECT {columns} "
+            f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r({self._PG_RECORD})"
         )
+        if notify:
+            insert = (
+                f"WITH inserted AS ({insert} RETURNING 1) "
+                f"SELECT pg_notify('{WORK_CHANNEL}', '') FROM (SELECT 1 FROM inserted LIMIT 1) x"
+            )
+        connection.execute(sa.text(insert), {"rows": document})
+        return notify
 
     def _insert_edges(
         self, connection: Connection, edges: list[tuple[uuid.UUID, uuid.UUID]]

@@ -94,6 +94,7 @@ class TransitionsMixin(StoreBase):
             )
         task_uuid = _as_uuid(task_id)
         with self.transaction() as (connection, now):
+            self._durable(connection)
             row = self._fenced(
                 connection,
                 now,
@@ -145,6 +146,7 @@ class TransitionsMixin(StoreBase):
         its executor's next heartbeat or commit is refused; its downstream tasks fail."""
         task_uuid = _as_uuid(task_id)
         with self.transaction() as (connection, now):
+            self._durable(connection)
             row = self._one(connection, task_uuid, tenant, lock=True)
             state = TaskState(row["status"])
             if state.is_terminal:
