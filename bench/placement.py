@@ -54,6 +54,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench.ray_env  # noqa: F401  (sets Ray's environment; must come before ray)
 
 # isort: split
+import psutil
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -85,6 +87,7 @@ from bench.ray_bench_common import (
     postgres_database,
     put_repo_on_pythonpath,
     ray_processes,
+    ray_worker_processes,
     table,
     wait_for_no_workers,
 )
@@ -335,6 +338,50 @@ def warm_cluster(
 # -- the two runs -----------------------------------------------------------------------------
 
 
+def code_version() -> str:
+    """The commit the workers run, and whether taskray's files differ from it (the
+    workers import taskray from this working tree)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    changed = git("status", "--short", "--", "taskray").splitlines()
+    return f"{git('rev-parse', '--short', 'HEAD')}" + (
+        f" + {len(changed)} uncommitted change(s) under taskray/" if changed else ""
+    )
+
+
+def warm_node_agents(nodes: Sequence[dict[str, Any]], database_url: str) -> int:
+    """Start taskray's per-node agents now (when this taskray version has them), as a
+    scheduler could when it starts; returns how many."""
+    from taskray.scheduler import cluster as taskray_cluster
+
+    agent_for = getattr(taskray_cluster, "agent_for", None)
+    if agent_for is None:
+        return 0
+    agents = [agent_for(n["NodeID"], database_url) for n in nodes if n["Resources"].get("CPU")]
+    ray.get([a.ready.remote() for a in agents], timeout=120)
+    return len(agents)
+
+
+def helper_processes() -> dict[str, list[float]]:
+    """When taskray's own actors' processes (the scheduler, node agents) were created, by
+    class name: they are worker processes too, started on the same machine as the run's."""
+    found: dict[str, list[float]] = {}
+    for proc in ray_worker_processes():
+        try:
+            title = " ".join(proc.cmdline())
+            created = proc.create_time()
+        except psutil.Error:
+            continue
+        for name in ("_SchedulerActor", "_NodeAgent"):
+            if title.startswith(f"ray::{name}"):
+                found.setdefault(name, []).append(created)
+    return {name: sorted(times) for name, times in found.items()}
+
+
 def cold_start(timeout_s: float = 60.0) -> None:
     left = wait_for_no_workers(timeout_s)
     if left:
@@ -413,7 +460,10 @@ def run_taskray(
     scheduler_store: Store | None = None
     report = ""
     try:
-        warmed = warm_cluster(nodes, args.timeout, url) if args.warmup != "none" else 0
+        warmed = 0
+        if args.warmup != "none":
+            warmed = warm_cluster(nodes, args.timeout, url)
+            warmed += warm_node_agents(nodes, url)
         if profiler is not None:
             scheduler_store = Store.open(url, migrate=False)
             scheduler = Scheduler(scheduler_store, url, SchedulerConfig())
@@ -433,6 +483,7 @@ def run_taskray(
             report = profiler.report("taskray scheduler loop, placement run")
         else:
             status = ray.get(runtime.scheduler.status.remote(), timeout=30)
+        helpers = helper_processes()
         store = runtime.store
         tasks = store.get_many([h.id for h in handles])  # type: ignore[attr-defined]
         attempts = [store.attempts(h.id) for h in handles]
@@ -464,6 +515,7 @@ def run_taskray(
             "profile": report,
             "profiler": profiler,
             "status": status,
+            "helpers": helpers,
         },
     )
 
@@ -641,6 +693,19 @@ def print_report(
         for run in runs["taskray"]
         for c, e in zip(run.extra["committed"], run.end, strict=True)
     ]
+    for i, run in enumerate(runs["taskray"]):
+        first = min(run.submit)
+        first_lease = min(run.leased or [math.nan])
+        parts = [
+            f"{name} x{len(times)} created at "
+            + ", ".join(f"{t - first:+.1f}" for t in times)
+            + " s"
+            for name, times in run.extra["helpers"].items()
+        ]
+        print(
+            f"taskray run {i + 1}: first lease {first_lease - first:+.2f} s after the first "
+            f"submit; " + "; ".join(parts)
+        )
     retried = sum(sum(n > 1 for n in run.extra["attempts"]) for run in runs["taskray"])
     print(
         f"taskray body end > committed: mean {1e3 * mean(committed):.0f} ms, p95 "
@@ -766,7 +831,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             + ("; PROFILE: scheduler on a driver thread" if args.profile else "")
         )
-        print(f"# warm-up: {warmup}; RAY_num_workers_soft_limit: {soft_limit}")
+        print(
+            f"# warm-up: {warmup}; RAY_num_workers_soft_limit: {soft_limit}; taskray code: "
+            f"{code_version()}"
+        )
         print(f"# workload seed {args.seed}: {describe(jobs)}", flush=True)
         order = ("ray", "taskray") if args.first == "ray" else ("taskray", "ray")
         for rep in range(args.repeat):

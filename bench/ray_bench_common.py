@@ -409,9 +409,12 @@ def ray_worker_processes() -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         title = " ".join(cmdline)
-        if title.startswith(_RAY_HELPERS):
+        if not cmdline or title.startswith(_RAY_HELPERS):
             continue
-        if title.startswith("ray::") or "default_worker.py" in title:
+        # A worker still starting runs default_worker.py as its script (a raylet only
+        # names it among its arguments); a started one has retitled itself "ray::...".
+        starting = len(cmdline) > 1 and cmdline[1].endswith("default_worker.py")
+        if title.startswith("ray::") or starting:
             found.append(proc)
     return found
 

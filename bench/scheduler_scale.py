@@ -86,10 +86,16 @@ SUBMIT_MAX = 50_000
 #: In the SQL build, this many queued tasks go through submit_many first: the reference
 #: rows the SQL-written ones are checked against.
 REFERENCE_ROWS = 1_000
-#: An operation "grows" when its median or its buffers at the largest size exceed the
-#: smallest size's by these factors.
-GROWS_TIME, GROWS_BUFFERS = 2.0, 3.0
+#: An operation's database work "grows" when its buffers at the largest size exceed the
+#: smallest size's GROWS_BUFFERS times and BUFFERS_PER_ROW per row it returned (reading
+#: 1,024 rows of a large table costs about a buffer a row, of a tiny one far fewer: that
+#: is the table's size, not work growing with it). Slower by the clock alone: GROWS_TIME.
+GROWS_TIME, GROWS_BUFFERS, BUFFERS_PER_ROW = 2.0, 3.0, 4
 MIB = 1024 * 1024
+#: The warm-up runs until this many tasks ended (Ray's first worker processes take seconds
+#: to start on a busy machine, and lanes fill only once a type's duration is known).
+WARMUP_TASKS = 500
+WARMUP_LIMIT_S = 240.0
 
 
 def log(message: str) -> None:
@@ -159,7 +165,7 @@ SELECT gen_random_uuid(), 'default', 'default', '{TASK_TYPE}', NULL, 'queued',
        THEN now() + make_interval(secs => {DELAY_S}) ELSE now() END,
   NULL, 1.0, CASE WHEN g % {GPU_EVERY} = {GPU_AT} THEN 1.0 ELSE 0.0 END, 0, NULL, 0,
   NULL, NULL, NULL, NULL
-FROM generate_series(:first, :last) AS g
+FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS g
 """
 _COLUMNS = (
     "id, tenant, queue, type, payload, status, priority, attempt, max_retries, "
@@ -378,14 +384,21 @@ def explain(engine: sa.Engine, statements: Sequence[tuple[str, Any]]) -> dict[st
                     top.get("Shared Read Blocks", 0)
                 )
                 exec_ms += float(document["Execution Time"])
+                # A write ran under EXPLAIN ANALYZE: undo it before the second run.
+                raw.rollback()
                 cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters)
-                text = "\n".join(r[0] for r in cursor.fetchall())
-                plans.append(f"{' '.join(statement.split())[:400]}\n{text}")
+                text = "\n".join(_short(r[0]) for r in cursor.fetchall())
+                plans.append(f"{_short(' '.join(statement.split()), 300)}\n{text}")
             finally:
                 cursor.close()
                 raw.rollback()
         connection.rollback()
     return {"buffers": buffers, "exec_ms": exec_ms, "plans": plans}
+
+
+def _short(line: str, width: int = 160) -> str:
+    """Plans name 64 uuids in a row: keep lines readable."""
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def made_up_nodes() -> list[Any]:
@@ -493,9 +506,9 @@ def measure_calls(store: Any, reps: int) -> dict[str, dict[str, Any]]:
             return place(PlacementRequest(tasks=[demand_of(t) for t in head], nodes=nodes, now=now))
 
         seconds, plan = timed(policy, reps)
-        results[f"policy place() on {len(head)} of {len(ready)}"] = {
+        results["policy place() on the window's head"] = {
             "ms": [s * 1e3 for s in seconds],
-            "rows": len(plan.placements),
+            "rows": f"{len(plan.placements)}/{len(head)}/{len(ready)}",
             "buffers": None,
         }
     finally:
@@ -534,14 +547,32 @@ def put_back(engine: sa.Engine, grants: Sequence[Any]) -> None:
 # -- the real loop ----------------------------------------------------------------------------
 
 
-def run_loop(scheduler: Any, seconds: float, max_passes: int, refill: Refill) -> dict[str, Any]:
+def run_loop(
+    scheduler: Any,
+    seconds: float,
+    max_passes: int,
+    refill: Refill,
+    *,
+    until_finished: int = 0,
+    limit_s: float = 0.0,
+) -> dict[str, Any]:
     """``scheduler.tick()`` back to back for ``seconds`` (or ``max_passes``), each timed;
     5 ms of sleep after a pass that dispatched nothing (``run()`` would wait for a lane to
-    end there)."""
+    end there). With ``until_finished``, also until that many tasks were collected (at
+    most ``limit_s``): the warm-up, which waits for Ray's first worker processes."""
     passes: list[tuple[float, int]] = []
     dispatched = lanes = finished = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and len(passes) < max_passes:
+    began = time.monotonic()
+
+    def going() -> bool:
+        elapsed = time.monotonic() - began
+        if len(passes) >= max_passes:
+            return False
+        if elapsed < seconds:
+            return True
+        return finished < until_finished and elapsed < limit_s
+
+    while going():
         began = time.perf_counter()
         report = scheduler.tick()
         passes.append((time.perf_counter() - began, report.dispatched))
@@ -582,9 +613,22 @@ def measure_loop(url: str, size: int, args: argparse.Namespace) -> dict[str, Any
             rss_before = rss()
             scheduler = Scheduler(store, url, SchedulerConfig())
             refill = Refill(refill_engine, size)
-            warmup = run_loop(scheduler, args.warmup_s, 10**9, refill)
+            began_warmup = time.monotonic()
+            warmup = run_loop(
+                scheduler,
+                args.warmup_s,
+                10**9,
+                refill,
+                until_finished=WARMUP_TASKS,
+                limit_s=WARMUP_LIMIT_S,
+            )
+            if warmup["finished"] < WARMUP_TASKS:
+                raise RuntimeError(
+                    f"warm-up: only {warmup['finished']} tasks ended in {WARMUP_LIMIT_S:g}s"
+                )
             with store.engine.connect() as connection:
                 t0 = connection.execute(sa.text("SELECT now()")).scalar_one()
+            warmup_s = time.monotonic() - began_warmup
             sampler.reset()
             peak_before_measure = rss()
             refill.seconds = 0.0
@@ -620,6 +664,7 @@ def measure_loop(url: str, size: int, args: argparse.Namespace) -> dict[str, Any
     busy = [s for s, d in loop["passes"] if d]
     return {
         "warmup_passes": len(warmup["passes"]),
+        "warmup_s": warmup_s,
         "warmup_dispatched": warmup["dispatched"],
         "passes": len(seconds),
         "wall_s": wall,
@@ -647,6 +692,7 @@ def measure_loop(url: str, size: int, args: argparse.Namespace) -> dict[str, Any
 def run_size(args: argparse.Namespace) -> None:
     import bench.ray_env  # noqa: F401  (sets Ray's environment; must come before ray)
 
+    # isort: split
     import ray
 
     from taskray.store import Store, create_engine, migrate
@@ -724,33 +770,48 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{b / a:.2f}x"
 
 
-def render(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
-    """The table and the operations that grow with the backlog."""
+def render(results: list[dict[str, Any]]) -> tuple[str, list[str], list[str]]:
+    """The table; the operations whose database work grows with the backlog (buffers up
+    more than GROWS_BUFFERS times and more than the rows they return explain); those only
+    slower by the clock (more than GROWS_TIME times at the median)."""
     first, last = results[0], results[-1]
     header = ["operation"]
     for r in results:
-        header += [f"{r['size']:,}: p50 ms", "p95 ms", "rows", "buffers"]
-    header += [f"ratio p50 {last['size']:,}/{first['size']:,}", "ratio buffers"]
+        header += [f"{r['size']:,}: p50 ms", "p95 ms", "rows", "buffers", "db ms"]
+    header += [f"p50 {last['size']:,}/{first['size']:,}", "buffers"]
     rows = []
-    growing = []
+    growing: list[str] = []
+    slower: list[str] = []
     for name in first["calls"]:
         row: list[object] = [name]
         for r in results:
             call = r["calls"][name]
             p50, p95 = stat(call["ms"])
             buffers = call.get("buffers")
-            row += [fmt(p50, 2), fmt(p95, 2), call["rows"], "-" if buffers is None else buffers]
+            row += [
+                fmt(p50, 2),
+                fmt(p95, 2),
+                call["rows"],
+                "-" if buffers is None else buffers,
+                "-" if buffers is None else fmt(call["exec_ms"], 2),
+            ]
         a, b = first["calls"][name], last["calls"][name]
         time_ratio = stat(b["ms"])[0] / stat(a["ms"])[0]
         row.append(ratio(stat(a["ms"])[0], stat(b["ms"])[0]))
+        buffers_grow = False
         if a.get("buffers") and b.get("buffers") is not None:
             row.append(ratio(a["buffers"], b["buffers"]))
-            buffers_grow = b["buffers"] > GROWS_BUFFERS * a["buffers"]
+            returned = b["rows"] if isinstance(b["rows"], int) else 0
+            buffers_grow = (
+                b["buffers"] > GROWS_BUFFERS * a["buffers"]
+                and b["buffers"] > BUFFERS_PER_ROW * returned + 50
+            )
         else:
             row.append("-")
-            buffers_grow = False
-        if time_ratio > GROWS_TIME or buffers_grow:
+        if buffers_grow:
             growing.append(name)
+        elif time_ratio > GROWS_TIME:
+            slower.append(name)
         rows.append(row)
     for label, key in (
         ("scheduler pass (all)", "pass_ms"),
@@ -760,14 +821,14 @@ def render(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
         for r in results:
             values = r["loop"][key]
             p50, p95 = stat(values)
-            row += [fmt(p50, 2), fmt(p95, 2), len(values), "-"]
+            row += [fmt(p50, 2), fmt(p95, 2), len(values), "-", "-"]
         a = stat(first["loop"][key])[0]
         b = stat(last["loop"][key])[0]
         row += [ratio(a, b), "-"]
         if not math.isnan(a) and a > 0 and b / a > GROWS_TIME:
-            growing.append(label)
+            slower.append(label)
         rows.append(row)
-    return table(header, rows), growing
+    return table(header, rows), growing, slower
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -787,7 +848,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--report-from", type=Path, help="print the report of an earlier run's --json file"
+    )
     args = parser.parse_args(argv)
+    if args.report_from is not None:
+        report(json.loads(args.report_from.read_text()), args, math.nan)
+        return
     if args.size is not None:
         run_size(args)
         return
@@ -868,6 +935,9 @@ def drop_leftover(admin_url: str, database: str) -> None:
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, wall_s: float) -> None:
+    if args.json and args.report_from is None:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+        print(f"figures written to {args.json}")
     print()
     for r in results:
         b = r["build"]
@@ -881,7 +951,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, wall_s: floa
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(b["relation_mib"].items()))
         )
     print()
-    text, growing = render(results)
+    text, growing, slower = render(results)
     print(
         f"calls: median and p95 of {args.reps} (after 3 untimed), with {HELD_LIVE} tasks live; "
         "buffers: shared buffers its SQL touched (EXPLAIN ANALYZE BUFFERS, one call)"
@@ -891,7 +961,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, wall_s: floa
     for r in results:
         loop = r["loop"]
         print(
-            f"loop {r['size']:,}: {loop['passes']} passes in {loop['wall_s']:.1f}s "
+            f"loop {r['size']:,}: warm-up {loop['warmup_s']:.0f}s ({loop['warmup_dispatched']:,} "
+            f"dispatched); {loop['passes']} passes in {loop['wall_s']:.1f}s "
             f"({len(loop['busy_pass_ms'])} dispatching), {loop['dispatched']:,} dispatched in "
             f"{loop['lanes']:,} lanes ({loop['dispatched'] / loop['wall_s']:.0f}/s), "
             f"{loop['finished']:,} collected, {loop['committed']:,} committed; "
@@ -913,21 +984,28 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, wall_s: floa
             f"process peak (VmHWM) {r['peak_rss_process'] / MIB:.0f} MiB"
         )
     print()
-    if growing:
-        last = results[-1]
-        print(f"grows with the backlog (p50 > {GROWS_TIME:g}x or buffers > {GROWS_BUFFERS:g}x):")
-        for name in growing:
+    last = results[-1]
+    for title, names in (
+        (
+            f"database work grows with the backlog (buffers > {GROWS_BUFFERS:g}x and > "
+            f"{BUFFERS_PER_ROW} a row returned); plan at {last['size']:,}:",
+            growing,
+        ),
+        (
+            f"slower by the clock only (p50 > {GROWS_TIME:g}x, buffers flat: noise or Python "
+            f"work, see db ms); plan at {last['size']:,}:",
+            slower,
+        ),
+    ):
+        if not names:
+            continue
+        print(title)
+        for name in names:
             print(f"  {name}")
             for plan in last["calls"].get(name, {}).get("plans", []):
                 print("    " + plan.replace("\n", "\n    "))
-    else:
-        print(
-            f"no operation grows with the backlog (p50 within {GROWS_TIME:g}x, buffers within "
-            f"{GROWS_BUFFERS:g}x)"
-        )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
-        print(f"figures written to {args.json}")
+    if not growing and not slower:
+        print("no operation grows with the backlog")
     print(
         f"# total {wall_s:.0f}s; {os.cpu_count()} cores shared with others' work: the "
         "millisecond figures are noisy, the buffer counts are not"

@@ -483,10 +483,16 @@ def summarise_speedscope(path: Path, top: int = 12) -> str:
         return "/".join(Path(frames[i].get("file") or "?").parts[-2:])
 
     lines = [f"{path.name}:"]
+    longest = max(
+        (float(sum(p.get("weights") or [1.0] * len(p["samples"]))) for p in data["profiles"]),
+        default=0.0,
+    )
     for profile in data["profiles"]:
         samples = profile["samples"]
         weights = profile.get("weights") or [1.0] * len(samples)
         total = float(sum(weights))
+        if total < 0.05 * longest:
+            continue  # a short-lived thread (one task's heartbeat, say)
         functions: Counter[str] = Counter()
         sites: Counter[str] = Counter()
         leaves: Counter[str] = Counter()

@@ -23,10 +23,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import cloudpickle
 from tenacity import (
@@ -38,10 +38,38 @@ from tenacity import (
 
 from taskray import serialization
 from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
-from taskray.models import Failure, Success, Task, TaskState
+from taskray.models import BatchCommit, Failure, StartedBatch, Success, Task, TaskState
+from taskray.node import NodeStore
 from taskray.store import Store, TransactionalWrite
 
 log = logging.getLogger(__name__)
+
+
+class ExecutorStore(Protocol):
+    """What an executor needs of the store: the node agent's ``NodeStore`` on a cluster, or
+    a ``Store`` itself."""
+
+    def check_result(self, result: Any) -> None: ...
+    def start_many(
+        self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], *, worker_id: str | None = None
+    ) -> StartedBatch: ...
+    def heartbeat_many(
+        self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], *, ttl_s: float | None = None
+    ) -> BatchCommit: ...
+    def complete_many(self, successes: Sequence[Success]) -> BatchCommit: ...
+    def fail_many(self, failures: Sequence[Failure]) -> dict[uuid.UUID, TaskState | None]: ...
+    def complete(
+        self,
+        task_id: uuid.UUID,
+        lease_id: uuid.UUID,
+        result: Any = None,
+        *,
+        write: TransactionalWrite | None = None,
+    ) -> Task: ...
+    def get_function(self, digest: str) -> bytes: ...
+    def upstreams(self, task_id: uuid.UUID) -> list[uuid.UUID]: ...
+    def get(self, task_id: uuid.UUID) -> Task: ...
+
 
 T = TypeVar("T")
 
@@ -78,7 +106,7 @@ def register(name: str, function: Callable[..., Any]) -> None:
         _registry[name] = function
 
 
-def resolve(task_type: str, store: Store | None = None) -> Callable[..., Any]:
+def resolve(task_type: str, store: ExecutorStore | None = None) -> Callable[..., Any]:
     """The handler for ``task_type``: a registered function, a function shipped by value
     (loaded from ``store`` once per process), or ``module:attribute``."""
     with _registry_lock:
@@ -116,7 +144,7 @@ class UpstreamNotReadyError(TaskrayError, NonRetryableError):
     upstreams, or one that has not succeeded."""
 
 
-def upstream_results(store: Store, task: Task) -> Callable[[uuid.UUID], Any]:
+def upstream_results(store: ExecutorStore, task: Task) -> Callable[[uuid.UUID], Any]:
     """Results of the task's own upstreams, and of no other task: a payload naming any other
     task (another tenant's, say) gets nothing."""
     allowed: set[uuid.UUID] | None = None
@@ -152,6 +180,7 @@ def is_retryable(error: BaseException, task: Task | None = None) -> bool:
 
 _stores: dict[str, Store] = {}
 _keepers: dict[tuple[str, float, float], _LeaseKeeper] = {}
+_node_stores: dict[str, NodeStore] = {}
 _stores_lock = threading.Lock()
 
 #: An executor process needs two connections: one for the lane it runs, one for the lease
@@ -195,7 +224,7 @@ class _LeaseKeeper(threading.Thread):
     """Extends the leases of every task this process holds, all in one statement per
     interval: one thread per process, not one per task."""
 
-    def __init__(self, store: Store, interval_s: float, ttl_s: float) -> None:
+    def __init__(self, store: ExecutorStore, interval_s: float, ttl_s: float) -> None:
         super().__init__(name="taskray-lease-keeper", daemon=True)
         self.store, self.interval_s, self.ttl_s = store, interval_s, ttl_s
         self._held: dict[uuid.UUID, uuid.UUID] = {}
@@ -230,12 +259,21 @@ class _LeaseKeeper(threading.Thread):
                 self.release(renewed.refused)
 
 
-def lease_keeper(database_url: str, interval_s: float, ttl_s: float) -> _LeaseKeeper:
+def node_store(agent: Any) -> NodeStore:
+    """The store through this node's agent, one per agent per process."""
+    key = agent._actor_id.hex()
     with _stores_lock:
-        key = (database_url, interval_s, ttl_s)
-        keeper = _keepers.get(key)
+        store = _node_stores.get(key)
+        if store is None:
+            store = _node_stores[key] = NodeStore(agent)
+        return store
+
+
+def lease_keeper(key: str, store: ExecutorStore, interval_s: float, ttl_s: float) -> _LeaseKeeper:
+    with _stores_lock:
+        keeper = _keepers.get((key, interval_s, ttl_s))
         if keeper is None:
-            keeper = _keepers[key] = _LeaseKeeper(_store_for(database_url), interval_s, ttl_s)
+            keeper = _keepers[(key, interval_s, ttl_s)] = _LeaseKeeper(store, interval_s, ttl_s)
             keeper.start()
         return keeper
 
@@ -295,14 +333,14 @@ class _Outcome:
     retryable: bool = True
 
 
-def _run_one(store: Store, task: Task, lease_id: uuid.UUID, clock: _LaneClock) -> _Outcome:
+def _run_one(store: ExecutorStore, task: Task, lease_id: uuid.UUID, clock: _LaneClock) -> _Outcome:
     outcome = _call(store, task, lease_id)
     return dataclasses.replace(
         outcome, started_at=clock(outcome.began), finished_at=clock(outcome.began + outcome.seconds)
     )
 
 
-def _call(store: Store, task: Task, lease_id: uuid.UUID) -> _Outcome:
+def _call(store: ExecutorStore, task: Task, lease_id: uuid.UUID) -> _Outcome:
     began = time.perf_counter()
     try:
         handler = resolve(task.type, store)
@@ -339,7 +377,7 @@ def _call(store: Store, task: Task, lease_id: uuid.UUID) -> _Outcome:
 class _CommitGroup:
     """Outcomes waiting to be committed together; the report of what was committed."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: ExecutorStore) -> None:
         self.store = store
         self.pending: list[_Outcome] = []
         self.first_at = 0.0
@@ -409,29 +447,47 @@ class _CommitGroup:
 
 
 def execute_batch(
-    database_url: str,
+    agent: Any,
     leases: list[tuple[str, str]],
     heartbeat_interval_s: float = 10.0,
     lease_ttl_s: float = 30.0,
     gpu: bool = False,
 ) -> list[tuple[str, str, float]]:
-    """Run a lane: leased tasks back to back, in order, in this process.
+    """Run a lane: leased tasks back to back, in order, in this process, every store call
+    through the node's ``agent``.
 
     Returns, per task, (task id, what happened, seconds the handler ran): the scheduler
     learns from it how long tasks of each type take.
     """
-    store = store_for(database_url)
-    pairs = [(uuid.UUID(task_id), uuid.UUID(lease_id)) for task_id, lease_id in leases]
+    store = node_store(agent)
+    return run_lane(
+        store,
+        agent._actor_id.hex(),
+        [(uuid.UUID(task_id), uuid.UUID(lease_id)) for task_id, lease_id in leases],
+        heartbeat_interval_s,
+        lease_ttl_s,
+        gpu,
+    )
+
+
+def run_lane(
+    store: ExecutorStore,
+    store_key: str,
+    pairs: list[tuple[uuid.UUID, uuid.UUID]],
+    heartbeat_interval_s: float,
+    lease_ttl_s: float,
+    gpu: bool = False,
+) -> list[tuple[str, str, float]]:
     lease_of = dict(pairs)
     group = _CommitGroup(store)
     try:
         started = _with_retries(lambda: store.start_many(pairs, worker_id=worker_id()))
     except StoreUnavailableError:
         log.error("store unreachable: lane of %d task(s) not started", len(pairs))
-        return [(task_id, "store_unavailable", 0.0) for task_id, _ in leases]
+        return [(str(task_id), "store_unavailable", 0.0) for task_id, _ in pairs]
     group.report += [(str(t), "lease_lost", 0.0) for t in started.refused]
     clock = _LaneClock(started.at)
-    keeper = lease_keeper(database_url, heartbeat_interval_s, lease_ttl_s)
+    keeper = lease_keeper(store_key, store, heartbeat_interval_s, lease_ttl_s)
     keeper.hold((task.id, lease_of[task.id]) for task in started.tasks)
     try:
         for task in started.tasks:
@@ -444,15 +500,3 @@ def execute_batch(
     finally:
         keeper.release(lease_of)
     return group.report
-
-
-def execute(
-    database_url: str,
-    task_id: str,
-    lease_id: str,
-    heartbeat_interval_s: float = 10.0,
-    lease_ttl_s: float = 30.0,
-) -> str:
-    """Run one leased task to its outcome; returns what happened."""
-    report = execute_batch(database_url, [(task_id, lease_id)], heartbeat_interval_s, lease_ttl_s)
-    return report[0][1]

@@ -55,3 +55,11 @@ def count_and_sleep(path: str, seconds: float) -> int:
     call = _count_call(path)
     time.sleep(seconds)
     return call
+
+
+def connections_here() -> dict[str, object]:
+    """What this executor process holds of the store: its own pools (none expected: the
+    node agent holds the node's connections) and its pid."""
+    from taskray import executor
+
+    return {"stores": len(executor._stores), "pid": os.getpid()}

@@ -195,6 +195,44 @@ def test_higher_priority_starts_first_under_contention(pg: tuple[Store, str]) ->
     assert latest_high <= earliest_low
 
 
+def test_connections_grow_with_nodes_not_with_worker_processes(pg: tuple[Store, str]) -> None:
+    """Executors reach the store through their node's agent: no worker process opens a
+    connection, and each node's agent holds a bounded pool whatever runs there."""
+    store, url = pg
+    specs = [make_spec("tests.handlers:connections_here") for _ in range(40)] + [
+        make_spec("tests.handlers:sleep", payload={"args": [0.3]}) for _ in range(24)
+    ]
+    ids = [r.task.id for r in store.submit_many(specs)]
+    seen: list[int] = []
+
+    def agent_connections() -> int:
+        with store.transaction() as (connection, _):
+            return int(
+                connection.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() "
+                    "AND application_name = 'taskray-node-agent'"
+                ).scalar_one()
+            )
+
+    def done() -> bool:
+        seen.append(agent_connections())
+        return all(t.status.is_terminal for t in store.get_many(ids))
+
+    with running_scheduler(store, url, SchedulerConfig(reap_interval_s=0.5)):
+        wait_for(done, timeout_s=120)
+    tasks = store.get_many(ids)
+    assert all(t.status is TaskState.SUCCEEDED for t in tasks)
+    reports = [t.result for t in tasks if t.type.endswith("connections_here")]
+    assert all(report["stores"] == 0 for report in reports)
+    workers = {t.result["pid"] for t in tasks}
+    nodes = {t.node_id for t in tasks}
+    assert max(seen) > 0
+    assert max(seen) <= 8 * len(nodes)
+    # More worker processes ran tasks than a pool per process would allow for.
+    assert len(workers) >= len(nodes)
+
+
 def test_a_removed_node_s_task_runs_again_elsewhere_and_commits_once(
     pg: tuple[Store, str], cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -13,13 +13,13 @@ from typing import Any
 
 import ray
 
+from taskray.scheduler.cluster import NAMESPACE
 from taskray.scheduler.core import Scheduler, SchedulerConfig
 from taskray.store import Store
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "taskray-scheduler"
-NAMESPACE = "taskray"
 
 
 class _SchedulerActor:

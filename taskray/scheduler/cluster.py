@@ -7,6 +7,7 @@ not stable public API, so they stay behind this page.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -19,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from taskray import executor
 from taskray.models import ReadyTask
+from taskray.node import NodeAgent
 from taskray.policy.types import NodeView, Release
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,41 @@ _execute_in_warm_worker: Any = ray.remote(max_retries=0)(executor.execute_batch)
 _execute_in_fresh_worker: Any = ray.remote(max_retries=0, max_calls=1)(executor.execute_batch)
 
 _nodes_cache: tuple[float, list[dict[str, Any]]] | None = None
+_agents: dict[tuple[str, str], Any] = {}
+#: Ray namespace of taskray's named actors (the scheduler, the node agents).
+NAMESPACE = "taskray"
+
+
+def agent_for(node_id: str, database_url: str) -> Any:
+    """The node's agent (``taskray.node``), started on first use: executors on the node
+    reach the store through it, so connections grow with nodes, not worker processes."""
+    # One agent per node per database: two taskray deployments may share a Ray cluster.
+    database = hashlib.sha256(database_url.encode()).hexdigest()[:12]
+    agent = _agents.get((node_id, database))
+    if agent is None:
+        agent = _agents[(node_id, database)] = NodeAgent.options(
+            name=f"taskray-node-{node_id}-{database}",
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        ).remote(database_url)
+    return agent
+
+
+def stop_agents(database_url: str) -> None:
+    """Stop the agents this process started for the database (the scheduler is stopping)."""
+    database = hashlib.sha256(database_url.encode()).hexdigest()[:12]
+    for key in [key for key in _agents if key[1] == database]:
+        agent = _agents.pop(key)
+        try:
+            ray.kill(agent, no_restart=True)
+        except Exception:  # already gone with its node
+            log.debug("stopping a node agent failed", exc_info=True)
+
+
+def forget_agents() -> None:
+    """Look the agents up again (after a lane failed in Ray: its node or agent may be gone)."""
+    _agents.clear()
 
 
 def _alive_nodes() -> list[dict[str, Any]]:
@@ -168,7 +205,7 @@ def dispatch(
         options["resources"] = dict(resources.custom)
     remote = _execute_in_fresh_worker if wants_fresh_worker(first) else _execute_in_warm_worker
     ref = remote.options(**options).remote(
-        database_url,
+        agent_for(node_id, database_url),
         [(str(t.id), str(lease)) for t, lease in zip(tasks, leases, strict=True)],
         heartbeat_interval_s,
         lease_ttl_s,

@@ -423,6 +423,7 @@ class Scheduler:
                 self._learn(lane.task_type, reported)
                 continue
             cluster.forget_nodes()
+            cluster.forget_agents()
             # The executor could not report (its worker or node died, or the lane was
             # stopped): record the attempts its tasks were in. The fence refuses those that
             # committed before the end, or whose lease was already taken away.
@@ -548,6 +549,7 @@ class Scheduler:
             self._lanes_changed.set()
             for thread in threads:
                 thread.join(timeout=5)
+            cluster.stop_agents(self.database_url)
 
     def _wait_s(self) -> float:
         now = time.monotonic()

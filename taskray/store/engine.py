@@ -67,8 +67,11 @@ def create_engine(url: str | URL, *, relaxed_commits: bool = False, **kwargs: An
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, **kwargs)
     options: dict[str, Any] = {"pool_pre_ping": True}
+    connect_args = dict(kwargs.pop("connect_args", {}))
     if relaxed_commits:
-        options["connect_args"] = {"options": "-c synchronous_commit=off"}
+        connect_args["options"] = "-c synchronous_commit=off"
+    if connect_args:
+        options["connect_args"] = connect_args
     if "poolclass" not in kwargs:
         options.update(pool_size=5, max_overflow=10)
     options.update(

@@ -73,12 +73,14 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
     def check_result(self, result: Any) -> None:
         """Raise what ``complete`` would for this result (not JSON, too large), so an
         executor can dead-letter it before it joins a group commit."""
+        self.check_result_size(result, self.max_payload_bytes)
+
+    @staticmethod
+    def check_result_size(result: Any, limit: int) -> None:
         size = _json_size(result)
-        if size > self.max_payload_bytes:
+        if size > limit:
             raise PayloadTooLargeError(
-                f"result is {size} bytes; the limit is {self.max_payload_bytes}",
-                size=size,
-                limit=self.max_payload_bytes,
+                f"result is {size} bytes; the limit is {limit}", size=size, limit=limit
             )
 
     def _sql_now(self, connection: Connection) -> tuple[sa.ColumnElement[Any], datetime | None]:
