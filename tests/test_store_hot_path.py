@@ -208,3 +208,28 @@ def test_relaxed_commits_keep_results_durable(database_url: str, backend: str) -
         assert store.get(task_id).result == 7
     finally:
         store.close()
+
+
+def test_behind_pgbouncer_no_statement_is_prepared(
+    database_url: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transaction pooling hands each transaction any server connection: with
+    TASKRAY_PGBOUNCER set, nothing stays prepared on one, however often it runs."""
+    if backend != "postgresql":
+        pytest.skip("prepared statements are PostgreSQL's")
+    monkeypatch.setenv("TASKRAY_PGBOUNCER", "1")
+    store = Store.open(database_url, migrate=False, relaxed_commits=True)
+    try:
+        for _ in range(8):
+            (task_id,) = submit_n(store, 1)
+            ((_, lease),) = lease_all(store, [task_id])
+            store.start_many([(task_id, lease)])
+            store.complete_many([Success(task_id, lease, None)])
+            store.ready(10)
+        with store.transaction() as (connection, _):
+            prepared = connection.exec_driver_sql(
+                "SELECT count(*) FROM pg_prepared_statements"
+            ).scalar_one()
+        assert prepared == 0
+    finally:
+        store.close()

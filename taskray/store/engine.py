@@ -68,6 +68,11 @@ def create_engine(url: str | URL, *, relaxed_commits: bool = False, **kwargs: An
         return _sqlite_engine(parsed, **kwargs)
     options: dict[str, Any] = {"pool_pre_ping": True}
     connect_args = dict(kwargs.pop("connect_args", {}))
+    if os.environ.get("TASKRAY_PGBOUNCER", "").lower() in ("1", "true", "transaction"):
+        # Behind PgBouncer in transaction pooling mode a server connection changes between
+        # transactions: no statement may stay prepared on one (psycopg prepares a statement
+        # after its fifth run on a connection unless told not to).
+        connect_args["prepare_threshold"] = None
     if relaxed_commits:
         connect_args["options"] = "-c synchronous_commit=off"
     if connect_args:
