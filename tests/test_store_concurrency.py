@@ -1,8 +1,11 @@
 """Worker processes racing on one PostgreSQL store: every result commits exactly once.
 
-Four worker processes claim, start and complete 5,000 tasks concurrently; each
-completion also inserts a row into a sink table inside the completing transaction
-(the handler's own write, DESIGN invariant 2). A reaper process expires leases
+Four worker processes claim, start and complete 5,000 tasks concurrently. Two take
+the executor's batched path (``start_many`` / ``complete_many`` on a store with
+relaxed commits, a whole claim per statement, the fence per row); the other two
+commit one task at a time, and each of their completions also inserts a row into a
+sink table inside the completing transaction (the handler's own write, DESIGN
+invariant 2). A reaper process expires leases
 while they run: some claims take a short lease TTL, so their leases run out, are
 reaped, and the tasks are leased again elsewhere; the stale holder's start or
 complete must then be refused with ``LeaseLostError`` and write nothing.
@@ -29,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from taskray.errors import LeaseLostError
-from taskray.models import Lease, RetryPolicy, TaskState
+from taskray.models import Lease, RetryPolicy, Success, TaskState
 from taskray.store import Store
 from taskray.testing import make_spec
 
@@ -49,7 +52,7 @@ REAP_EVERY_S = 0.05
 #: A worker with nothing to claim while other tasks are still leased polls this often.
 IDLE_POLL_S = 0.01
 #: Hard bound on the whole run; it normally takes well under half of this.
-RUN_DEADLINE_S = 120.0
+RUN_DEADLINE_S = 300.0
 
 #: Retries without backoff: a reaped task is ready again at once, and never dead-letters.
 NO_BACKOFF = RetryPolicy(max_retries=1000, backoff_base_s=0.0, backoff_cap_s=0.0, jitter=0.0)
@@ -80,8 +83,16 @@ def _all_finished(store: Store) -> bool:
     return not any(counts.get(state, 0) for state in UNFINISHED)
 
 
+def _batched(worker: str) -> bool:
+    """Even-numbered workers take the batched path."""
+    return int(worker.rsplit("-", 1)[1]) % 2 == 0
+
+
 def _work(url: str, worker: str, out: str, budget_s: float) -> None:
     """One worker process: claim, start, complete until every task has finished."""
+    if _batched(worker):
+        _work_batched(url, worker, out, budget_s)
+        return
     deadline = time.monotonic() + budget_s
     report: dict[str, Any] = {
         "worker": worker,
@@ -149,6 +160,60 @@ def _work(url: str, worker: str, out: str, budget_s: float) -> None:
             else:
                 report["stale_commits"] += 1
                 done.append(str(lease.task.id))
+    finally:
+        store.close()
+    Path(out).write_text(json.dumps(report))
+
+
+def _work_batched(url: str, worker: str, out: str, budget_s: float) -> None:
+    """A worker on the batched path: each claim started in one statement and completed in
+    one, with relaxed commits (as the executors' node agents run)."""
+    deadline = time.monotonic() + budget_s
+    report: dict[str, Any] = {
+        "worker": worker,
+        "done": [],
+        "leases": 0,
+        "lost_at_start": 0,
+        "lost_at_complete": 0,
+        "stale_commits": 0,
+    }
+    done: list[str] = report["done"]
+    store = Store.open(url, migrate=False, relaxed_commits=True)
+
+    def pairs(leases: list[Lease]) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        return [(lease.task.id, lease.lease_id) for lease in leases]
+
+    try:
+        doomed = store.claim(DOOMED, node_id=worker, ttl_s=DOOMED_TTL_S)
+        report["leases"] += len(doomed)
+        started = store.start_many(pairs(doomed), worker_id=worker)
+        report["lost_at_start"] += len(started.refused)
+        stale = [lease for lease in doomed if lease.task.id not in set(started.refused)]
+        claims = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{worker} still had work at its deadline")
+            claims += 1
+            ttl = SHORT_TTL_S if claims % SHORT_EVERY == 0 else None
+            leases = store.claim(BATCH, node_id=worker, ttl_s=ttl)
+            report["leases"] += len(leases)
+            if not leases:
+                if _all_finished(store):
+                    break
+                time.sleep(IDLE_POLL_S)  # the rest is leased elsewhere: poll again
+                continue
+            started = store.start_many(pairs(leases), worker_id=worker)
+            report["lost_at_start"] += len(started.refused)
+            lease_of = dict(pairs(leases))
+            committed = store.complete_many(
+                [Success(t.id, lease_of[t.id], {"worker": worker}) for t in started.tasks]
+            )
+            report["lost_at_complete"] += len(committed.refused)
+            done.extend(str(task_id) for task_id in committed.committed)
+        late = store.complete_many([Success(t, lease, None) for t, lease in pairs(stale)])
+        report["lost_at_complete"] += len(late.refused)
+        report["stale_commits"] += len(late.committed)
+        done.extend(str(task_id) for task_id in late.committed)
     finally:
         store.close()
     Path(out).write_text(json.dumps(report))
@@ -228,16 +293,25 @@ def test_concurrent_workers_commit_every_task_exactly_once(postgres: Any, tmp_pa
         # Every task succeeded, and nothing else happened to any of them.
         assert store.count_by_status() == {TaskState.SUCCEEDED: N_TASKS}
 
+        done = {name: set(report["done"]) for name, report in reports.items()}
+        by_sink_workers = set().union(*(ids for name, ids in done.items() if not _batched(name)))
         with store.engine.connect() as connection:
-            # The sink: one row per task, no task twice, none missing.
-            assert _scalar(connection, "SELECT count(*) FROM exactly_once_sink") == N_TASKS
+            # The sink (workers committing one at a time): one row per task they
+            # committed, no task twice, none missing.
+            sink_count = _scalar(connection, "SELECT count(*) FROM exactly_once_sink")
+            assert sink_count == len(by_sink_workers)
             assert (
                 _scalar(connection, "SELECT count(DISTINCT task_id) FROM exactly_once_sink")
-                == N_TASKS
+                == sink_count
             )
             sink_rows = connection.execute(sa.select(sink.c.task_id, sink.c.worker)).all()
             sink_by_task = {str(task_id): worker for task_id, worker in sink_rows}
-            assert set(sink_by_task) == all_ids
+            assert set(sink_by_task) == by_sink_workers
+            # Every result is the committing worker's, on either path.
+            result_by_task = {
+                str(task_id): (result or {}).get("worker")
+                for task_id, result in connection.execute(sa.text("SELECT id, result FROM tasks"))
+            }
 
             # The audit trail: one succeeded attempt per task, by the worker that wrote the
             # sink row; every other attempt ended because its lease expired.
@@ -252,7 +326,9 @@ def test_concurrent_workers_commit_every_task_exactly_once(postgres: Any, tmp_pa
                 sa.text("SELECT task_id, worker_id FROM task_attempts WHERE outcome = 'succeeded'")
             ).all()
             assert len(winners) == N_TASKS
-            assert {str(t): w for t, w in winners} == sink_by_task
+            winner_by_task = {str(t): w for t, w in winners}
+            assert set(winner_by_task) == all_ids
+            assert {t: winner_by_task[t] for t in sink_by_task} == sink_by_task
             outcomes = {
                 outcome: n
                 for outcome, n in connection.execute(
@@ -268,16 +344,22 @@ def test_concurrent_workers_commit_every_task_exactly_once(postgres: Any, tmp_pa
             )
         assert outcomes == {"succeeded": N_TASKS, "lease_expired": reaped}, outcomes
 
-        # Each worker's successful completions: disjoint, together every task once, and
-        # exactly the sink rows it wrote.
-        done = {name: set(report["done"]) for name, report in reports.items()}
+        # Each worker's successful completions: disjoint, together every task once, each
+        # recorded as that worker's attempt, and (one at a time) exactly the sink rows it
+        # wrote.
         assert sum(len(report["done"]) for report in reports.values()) == N_TASKS
         assert set().union(*done.values()) == all_ids
         sink_by_worker = Counter(sink_by_task.values())
         for name, ids in done.items():
             assert len(ids) == len(reports[name]["done"])
-            assert sink_by_worker[name] == len(ids)
-            assert all(sink_by_task[task_id] == name for task_id in ids)
+            assert all(winner_by_task[task_id] == name for task_id in ids)
+            if _batched(name):
+                assert sink_by_worker[name] == 0
+                # The stale complete at the end commits None: only fresh leases commit.
+                assert all(result_by_task[task_id] == name for task_id in ids)
+            else:
+                assert sink_by_worker[name] == len(ids)
+                assert all(sink_by_task[task_id] == name for task_id in ids)
 
         # Fencing: every lease granted either committed or was refused, and each refusal
         # was a lease the reaper took back. None of the refused holders committed.
@@ -292,7 +374,7 @@ def test_concurrent_workers_commit_every_task_exactly_once(postgres: Any, tmp_pa
             f"\n{N_TASKS} tasks, {N_WORKERS} workers in {elapsed:.1f}s: {leases} leases, "
             f"{reaped} reaped, {lost_at_start} refused at start, {lost_at_complete} refused "
             f"at complete, {releases} tasks leased on more than one worker; completions per "
-            f"worker: {dict(sorted(sink_by_worker.items()))}"
+            f"worker: { {name: len(ids) for name, ids in sorted(done.items())} }"
         )
     finally:
         store.close()
