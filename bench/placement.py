@@ -382,10 +382,26 @@ def helper_processes() -> dict[str, list[float]]:
     return {name: sorted(times) for name, times in found.items()}
 
 
-def cold_start(timeout_s: float = 60.0) -> None:
-    left = wait_for_no_workers(timeout_s)
-    if left:
-        print(f"# warning: {left} worker process(es) of an earlier run still there", flush=True)
+def cold_start(timeout_s: float = 20.0) -> None:
+    """No worker process of an earlier run left. Idle workers that outlive their job (seen
+    here: the executors of a stopped scheduler actor, for minutes) are ended by pid."""
+    if not wait_for_no_workers(timeout_s):
+        return
+    idle = []
+    for proc in ray_worker_processes():
+        try:
+            if " ".join(proc.cmdline()).strip() == "ray::IDLE":
+                proc.kill()
+                idle.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(idle, timeout=10)
+    left = wait_for_no_workers(10.0)
+    print(
+        f"# cold start: ended {len(idle)} idle worker process(es) an earlier run left"
+        + (f"; {left} other(s) still there" if left else ""),
+        flush=True,
+    )
 
 
 def run_plain_ray(

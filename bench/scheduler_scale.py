@@ -573,9 +573,9 @@ def run_loop(
         return finished < until_finished and elapsed < limit_s
 
     while going():
-        began = time.perf_counter()
+        pass_began = time.perf_counter()
         report = scheduler.tick()
-        passes.append((time.perf_counter() - began, report.dispatched))
+        passes.append((time.perf_counter() - pass_began, report.dispatched))
         dispatched += report.dispatched
         lanes += report.lanes
         finished += report.finished
@@ -629,6 +629,10 @@ def measure_loop(url: str, size: int, args: argparse.Namespace) -> dict[str, Any
             with store.engine.connect() as connection:
                 t0 = connection.execute(sa.text("SELECT now()")).scalar_one()
             warmup_s = time.monotonic() - began_warmup
+            log(
+                f"warm-up: {warmup_s:.1f}s, {len(warmup['passes'])} passes, "
+                f"{warmup['dispatched']} dispatched, {warmup['finished']} collected"
+            )
             sampler.reset()
             peak_before_measure = rss()
             refill.seconds = 0.0
@@ -637,6 +641,10 @@ def measure_loop(url: str, size: int, args: argparse.Namespace) -> dict[str, Any
             wall = time.monotonic() - began
             peak = sampler.peak
             rss_after_loop = rss()
+            log(
+                f"loop: {wall:.1f}s, {len(loop['passes'])} passes, {loop['dispatched']} "
+                f"dispatched, {loop['finished']} collected; draining {len(scheduler.lanes)} lanes"
+            )
             drain(scheduler)
             scheduler.resign()
         with store.engine.connect() as connection:
@@ -689,7 +697,13 @@ def measure_loop(url: str, size: int, args: argparse.Namespace) -> dict[str, Any
 # -- one size, in a child process -------------------------------------------------------------
 
 
+def _interrupted(signum: int, _frame: Any) -> None:
+    """SIGTERM as Ctrl-C: the ``finally`` blocks drop the database and stop Ray."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_size(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, _interrupted)
     import bench.ray_env  # noqa: F401  (sets Ray's environment; must come before ray)
 
     # isort: split
@@ -865,10 +879,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     workdir = tempfile.mkdtemp(prefix="trb-scale-")
     child: subprocess.Popen[str] | None = None
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         for size in sizes:
             out = Path(workdir, f"{size}.json")

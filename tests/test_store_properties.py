@@ -53,7 +53,9 @@ from taskray.errors import (
 from taskray.models import (
     FAILED_STATES,
     AttemptOutcome,
+    Failure,
     LeaseRequest,
+    Success,
     Task,
     TaskSpec,
     TaskState,
@@ -735,6 +737,81 @@ class StoreMachine(RuleBasedStateMachine):
             task_id, lease_id = stale[-1 - pick % len(stale)]
             assert lease_id is not None
             self.call_with(task_id, lease_id, op)
+
+    def stale_pairs(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """Leases that ran out while their task still looks live, and old leases of tasks
+        leased again since."""
+        now = self.clock.now()
+        stale = [
+            (m.id, m.lease_id)
+            for m in self.model.values()
+            if m.status in LIVE and m.lease_expires_at is not None and m.lease_expires_at <= now
+        ]
+        stale += [
+            (m.id, a.lease_id)
+            for m in self.model.values()
+            if m.status in LIVE
+            for a in m.attempts[:-1]
+        ]
+        return [(t, lease) for t, lease in stale if lease is not None]
+
+    @rule(picks=st.lists(st.integers(0, 7), min_size=1, max_size=5), op=st.sampled_from(OPS))
+    def batch(self, picks: list[int], op: str) -> None:
+        """The executor's batched calls (start_many ... fail_many) with live and stale leases
+        mixed in one batch: the fence is per row, so exactly the live ones commit and the
+        stale ones are refused, named, and change nothing."""
+        self.changing()
+        now = self.clock.now()
+        live = [held for pick in range(4) if (held := self.holder(pick)) is not None]
+        candidates = live + self.stale_pairs()
+        if not candidates:
+            return
+        chosen: dict[uuid.UUID, uuid.UUID] = {}
+        for pick in picks:
+            task_id, lease_id = candidates[pick % len(candidates)]
+            chosen.setdefault(task_id, lease_id)
+        pairs = list(chosen.items())
+        states = frozenset({TaskState.LEASED}) if op == "start" else LIVE
+        expected = [t for t, lease in pairs if self.holds(t, lease, states)]
+        refused_rows = {t for t, lease in pairs if t not in expected}
+        before = read_database(self.store)
+        if op == "start":
+            started = self.store.start_many(pairs, worker_id="worker-3")
+            committed, refused = [t.id for t in started.tasks], started.refused
+        elif op == "heartbeat":
+            renewed = self.store.heartbeat_many(pairs)
+            committed, refused = renewed.committed, renewed.refused
+        elif op == "complete":
+            done = self.store.complete_many([Success(t, lease, {"batch": 1}) for t, lease in pairs])
+            committed, refused = done.committed, done.refused
+        else:
+            after_fail = self.store.fail_many(
+                [Failure(t, lease, "boom", retryable=op == "fail") for t, lease in pairs]
+            )
+            committed = [t for t, state in after_fail.items() if state is not None]
+            refused = [t for t, state in after_fail.items() if state is None]
+        assert committed == expected
+        assert refused == [t for t, _ in pairs if t in refused_rows]
+        after = read_database(self.store)
+        for task_id in refused_rows:
+            assert after.tasks[task_id] == before.tasks[task_id]
+        for task_id in committed:
+            m = self.model[task_id]
+            lease_id = chosen[task_id]
+            if op == "start":
+                m.status = TaskState.RUNNING
+                m.attempts[-1].started_at = now
+                m.attempts[-1].worker_id = "worker-3"
+            elif op == "heartbeat":
+                m.lease_expires_at = now + timedelta(seconds=DEFAULT_TTL_S)
+            elif op == "complete":
+                m.commits.append((lease_id, {"batch": 1}))
+                self.finish_attempt(m, AttemptOutcome.SUCCEEDED)
+                m.status = TaskState.SUCCEEDED
+                m.lease_expires_at = None
+            else:
+                self.failed(m, op == "fail", AttemptOutcome.FAILED)
+        self.settle()
 
     @rule()
     def reap(self) -> None:
