@@ -11,6 +11,8 @@ handle = double.submit(21)
 assert taskray.get(handle) == 42
 """
 
+from typing import TYPE_CHECKING, Any
+
 from taskray.errors import (
     CycleError,
     GetTimeoutError,
@@ -25,18 +27,49 @@ from taskray.errors import (
 )
 from taskray.executor import Commit, NonRetryableError
 from taskray.models import Resources, TaskState
-from taskray.sdk import (
-    HandleList,
-    TaskFunction,
-    TaskHandle,
-    get,
-    init,
-    is_initialized,
-    shutdown,
-    submit,
-    task,
-    wait,
+
+if TYPE_CHECKING:
+    from taskray.sdk import (
+        HandleList,
+        TaskFunction,
+        TaskHandle,
+        get,
+        init,
+        is_initialized,
+        shutdown,
+        submit,
+        task,
+        wait,
+    )
+
+#: The SDK is imported on first use: a Ray worker that runs tasks imports this package
+#: (for the executor) and needs none of it, and importing it costs a new worker process
+#: about a second.
+_SDK_NAMES = frozenset(
+    {
+        "HandleList",
+        "TaskFunction",
+        "TaskHandle",
+        "get",
+        "init",
+        "is_initialized",
+        "shutdown",
+        "submit",
+        "task",
+        "wait",
+    }
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK_NAMES:
+        from taskray import sdk
+
+        value = getattr(sdk, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'taskray' has no attribute {name!r}")
+
 
 __all__ = [
     # connecting

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import cloudpickle
 from tenacity import (
@@ -40,7 +40,11 @@ from taskray import serialization
 from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
 from taskray.models import BatchCommit, Failure, StartedBatch, Success, Task, TaskState
 from taskray.node import NodeStore
-from taskray.store import Store, TransactionalWrite
+
+if TYPE_CHECKING:
+    # Every worker process imports this module; executors reach the store through their
+    # node's agent, so the store (SQLAlchemy, psycopg) is not imported here.
+    from taskray.store import Store, TransactionalWrite
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +196,8 @@ COMMIT_GROUP_S = 0.002
 
 
 def _store_for(database_url: str) -> Store:
+    from taskray.store import Store
+
     store = _stores.get(database_url)
     if store is None:
         options = None if database_url.startswith("sqlite") else _EXECUTOR_POOL

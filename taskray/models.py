@@ -456,3 +456,15 @@ class StartedBatch:
     refused: list[uuid.UUID]
     #: The database time the tasks were marked running.
     at: datetime | None = None
+
+
+def check_result_size(result: Any, limit: int) -> None:
+    """Refuse a result that is not JSON, or larger than ``limit`` bytes as JSON."""
+    try:
+        size = len(json.dumps(result, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidTaskError(f"value must be JSON-serialisable: {exc}") from None
+    if size > limit:
+        raise PayloadTooLargeError(
+            f"result is {size} bytes; the limit is {limit}", size=size, limit=limit
+        )

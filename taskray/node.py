@@ -17,13 +17,25 @@ import logging
 import threading
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from taskray.errors import StoreUnavailableError
-from taskray.models import BatchCommit, Failure, StartedBatch, Success, Task, TaskState
-from taskray.store import Store, TransactionalWrite
+from taskray.models import (
+    BatchCommit,
+    Failure,
+    StartedBatch,
+    Success,
+    Task,
+    TaskState,
+    check_result_size,
+)
+
+if TYPE_CHECKING:
+    # Executors import this module in every worker process: the store (SQLAlchemy,
+    # psycopg) is imported only where the agent opens it.
+    from taskray.store import Store, TransactionalWrite
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,8 @@ class _NodeAgent:
         self._lock = threading.Lock()
 
     def _open(self) -> Store:
+        from taskray.store import Store
+
         with self._lock:
             if self._store is None:
                 options = None if self._database_url.startswith("sqlite") else AGENT_POOL
@@ -126,7 +140,7 @@ class NodeStore:
         return self._max_payload_bytes
 
     def check_result(self, result: Any) -> None:
-        Store.check_result_size(result, self.max_payload_bytes)
+        check_result_size(result, self.max_payload_bytes)
 
     def start_many(
         self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], *, worker_id: str | None = None

@@ -86,6 +86,8 @@ class SchedulerConfig:
     max_lane_tasks: int = 64
     #: Lanes each node may hold beyond what it has free (they wait in Ray for a slot).
     lease_ahead: int = 1
+    #: Only tasks whose type is known to take at most this long are leased ahead.
+    ahead_max_s: float = 0.5
     queues: tuple[str, ...] | None = None
 
 
@@ -255,17 +257,20 @@ class Scheduler:
     # -- placing ----------------------------------------------------------------------------
 
     def _ledger(self) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-        """What taskray holds on each node (lanes running or waiting there), and how many
-        lanes wait ahead on each."""
+        """What taskray holds on each node (its lanes there, and a predecessor's live
+        tasks), and how many lanes wait ahead on each. A lane waiting ahead holds nothing
+        yet: counting it would hide resources free now from tasks that fit them."""
         used: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for node_id, resources in self._foreign.items():
             for name, amount in resources.items():
                 used[node_id][name] += amount
         ahead: dict[str, int] = defaultdict(int)
         for lane in self._lane_list():
+            if lane.ahead:
+                ahead[lane.node_id] += 1
+                continue
             for name, amount in lane.resources.items():
                 used[lane.node_id][name] += amount
-            ahead[lane.node_id] += lane.ahead
         return used, ahead
 
     def _releases(self) -> dict[str, list[Release]]:
@@ -354,10 +359,16 @@ class Scheduler:
     def _ahead_candidate(
         self, node: NodeView, nodes: Sequence[NodeView], spare: Iterable[ReadyTask]
     ) -> ReadyTask | None:
-        """The first spare task this node could hold when empty: it waits there for a
-        slot. CPU-only work waits on GPU nodes only if the cluster has no other."""
+        """The first spare task of a type known to be short that the node could hold when
+        empty: it waits there for a slot. Only short work is worth leasing ahead (a pass
+        costs milliseconds, which matters only beside tasks that take milliseconds), and a
+        long task waiting ahead would hold its slot against higher-priority work.
+        CPU-only work waits on GPU nodes only if the cluster has no other."""
         cpu_nodes_exist = any(not n.has_gpus for n in nodes)
         for task in spare:
+            expected = self.durations.get(task.type)
+            if expected is None or expected > self.config.ahead_max_s or _lane_alone(task):
+                continue
             demand = demand_of(task)
             if not could_hold(demand, node):
                 continue

@@ -23,7 +23,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from taskray.errors import LeaseLostError, PayloadTooLargeError
+from taskray.errors import LeaseLostError
 from taskray.models import (
     AttemptOutcome,
     BatchCommit,
@@ -34,11 +34,11 @@ from taskray.models import (
     StartedBatch,
     Success,
     TaskState,
+    check_result_size,
 )
 from taskray.store.base import (
     DEFAULT_LEADER_NAME,
     LIVE,
-    _json_size,
     _task,
 )
 from taskray.store.leasing import LeasingMixin
@@ -73,15 +73,7 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
     def check_result(self, result: Any) -> None:
         """Raise what ``complete`` would for this result (not JSON, too large), so an
         executor can dead-letter it before it joins a group commit."""
-        self.check_result_size(result, self.max_payload_bytes)
-
-    @staticmethod
-    def check_result_size(result: Any, limit: int) -> None:
-        size = _json_size(result)
-        if size > limit:
-            raise PayloadTooLargeError(
-                f"result is {size} bytes; the limit is {limit}", size=size, limit=limit
-            )
+        check_result_size(result, self.max_payload_bytes)
 
     def _sql_now(self, connection: Connection) -> tuple[sa.ColumnElement[Any], datetime | None]:
         """The transaction's time as SQL: PostgreSQL's ``now()`` when the database clock is
