@@ -20,11 +20,15 @@ own) and a PostgreSQL database of its own (dropped at the end, also on Ctrl-C):
    ``timed_out``, ``live_tasks``, and the policy's ``place`` on the head of the window as
    ``Scheduler._schedule`` builds it (four made-up nodes); and the shared buffers each of
    their SQL statements touches (``EXPLAIN (ANALYZE, BUFFERS)``, a figure the machine's
-   noise does not move);
+   noise does not move); also two proposed replacements for ``next_scheduled_at``'s query
+   (a loose index scan on ``ix_tasks_ready``; a partial index on ``scheduled_at``, created
+   in a transaction that is rolled back);
 3. run the real ``Scheduler.tick`` in this process against a local Ray (2 CPUs, and one
    logical GPU so the GPU tasks can be placed) for ``--loop-s`` seconds after an untimed
-   warm-up, timing every pass; the backlog is topped up between passes (outside the
-   timing) so it stays at its size; this process's RSS is sampled throughout.
+   warm-up (at least 500 tasks ended: Ray's first workers take seconds to start, and lanes
+   fill only once a type's duration is known), timing every pass; the backlog is topped up
+   between passes (outside the timing) so it stays at its size; this process's RSS is
+   sampled throughout.
 
 The parent prints one table (operation, each size, ratio of the last size to the first)
 and the RSS lines, and, for any operation whose cost or buffers grow with the backlog,
@@ -359,41 +363,95 @@ def captured(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
 
 
 def explain(engine: sa.Engine, statements: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    """Runs each statement on ``tasks`` under EXPLAIN (ANALYZE, BUFFERS) in a transaction
-    that is rolled back; the shared buffers they touched, their execution time, and their
-    plans as text."""
+    """Runs each statement on ``tasks`` under EXPLAIN (ANALYZE, BUFFERS), each undone
+    afterwards; the shared buffers they touched, their execution time, and their plans."""
+    with engine.connect() as connection:
+        try:
+            return explain_on(connection, statements)
+        finally:
+            connection.rollback()
+
+
+def explain_on(connection: sa.Connection, statements: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """``explain`` inside the connection's transaction: each run is rolled back to a
+    savepoint (a write runs for real under EXPLAIN ANALYZE), the rest of the transaction
+    stays (an index the caller created in it, say)."""
     import psycopg
 
     buffers = 0
     exec_ms = 0.0
     plans = []
-    with engine.connect() as connection:
-        raw = connection.connection.driver_connection
-        assert isinstance(raw, psycopg.Connection)
-        for statement, parameters in statements:
-            if "tasks" not in statement:
-                continue
-            cursor = psycopg.ClientCursor(raw)
-            try:
-                cursor.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, parameters)
-                row = cursor.fetchone()
-                assert row is not None
-                document = row[0][0]
-                top = document["Plan"]
-                buffers += int(top.get("Shared Hit Blocks", 0)) + int(
-                    top.get("Shared Read Blocks", 0)
-                )
-                exec_ms += float(document["Execution Time"])
-                # A write ran under EXPLAIN ANALYZE: undo it before the second run.
-                raw.rollback()
-                cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters)
-                text = "\n".join(_short(r[0]) for r in cursor.fetchall())
-                plans.append(f"{_short(' '.join(statement.split()), 300)}\n{text}")
-            finally:
-                cursor.close()
-                raw.rollback()
-        connection.rollback()
+    raw = connection.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    for statement, parameters in statements:
+        if "tasks" not in statement:
+            continue
+        cursor = psycopg.ClientCursor(raw)
+        try:
+            cursor.execute("SAVEPOINT bench_explain")
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, parameters)
+            row = cursor.fetchone()
+            assert row is not None
+            document = row[0][0]
+            top = document["Plan"]
+            buffers += int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
+            exec_ms += float(document["Execution Time"])
+            cursor.execute("ROLLBACK TO SAVEPOINT bench_explain")
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters)
+            text = "\n".join(_short(r[0]) for r in cursor.fetchall())
+            plans.append(f"{_short(' '.join(statement.split()), 300)}\n{text}")
+            cursor.execute("ROLLBACK TO SAVEPOINT bench_explain")
+        finally:
+            cursor.close()
     return {"buffers": buffers, "exec_ms": exec_ms, "plans": plans}
+
+
+#: What ``next_scheduled_at`` asks, as it asks it.
+NEXT_DUE_SQL = "SELECT min(scheduled_at) FROM tasks WHERE status = 'queued'"
+#: Proposal 1, no schema change: the same answer from the existing ``ix_tasks_ready``, one
+#: index probe per distinct priority (a loose index scan), instead of a scan of every
+#: queued row.
+NEXT_DUE_SKIP_SCAN_SQL = """
+WITH RECURSIVE levels(priority) AS (
+  SELECT max(priority) FROM tasks WHERE status = 'queued'
+  UNION ALL
+  SELECT (SELECT max(t.priority) FROM tasks t
+          WHERE t.status = 'queued' AND t.priority < levels.priority)
+  FROM levels WHERE levels.priority IS NOT NULL
+)
+SELECT min(first.scheduled_at) FROM levels CROSS JOIN LATERAL (
+  SELECT t.scheduled_at FROM tasks t
+  WHERE t.status = 'queued' AND t.priority = levels.priority
+  ORDER BY t.scheduled_at LIMIT 1
+) AS first
+"""
+#: Proposal 2: a partial index that answers min() with one probe (one more index to write
+#: per submit and per lease).
+NEXT_DUE_INDEX_SQL = (
+    "CREATE INDEX ix_tasks_queued_scheduled ON tasks (scheduled_at) WHERE status = 'queued'"
+)
+
+
+def measure_sql(engine: sa.Engine, sql: str, reps: int, setup: str | None = None) -> dict[str, Any]:
+    """``sql`` timed ``reps`` times (a transaction each, as the store runs it) and
+    explained; with ``setup``, all of it in one transaction after ``setup``, rolled back."""
+    seconds = []
+    value = None
+    with engine.connect() as connection:
+        try:
+            if setup is not None:
+                connection.execute(sa.text(setup))
+            for rep in range(reps + 3):
+                if setup is None:
+                    connection.rollback()
+                began = time.perf_counter()
+                value = connection.execute(sa.text(sql)).scalar()
+                if rep >= 3:
+                    seconds.append(time.perf_counter() - began)
+            explained = explain_on(connection, [(sql, None)])
+        finally:
+            connection.rollback()
+    return {"ms": [s * 1e3 for s in seconds], "rows": int(value is not None), **explained}
 
 
 def _short(line: str, width: int = 160) -> str:
@@ -489,6 +547,12 @@ def measure_calls(store: Any, reps: int) -> dict[str, dict[str, Any]]:
         }
 
         record("store.next_scheduled_at()", store.next_scheduled_at, lambda v: int(v is not None))
+        results["  proposal: loose index scan (SQL)"] = measure_sql(
+            store.engine, NEXT_DUE_SKIP_SCAN_SQL, reps
+        )
+        results["  proposal: partial index (SQL)"] = measure_sql(
+            store.engine, NEXT_DUE_SQL, reps, setup=NEXT_DUE_INDEX_SQL
+        )
         record("store.reap()", store.reap, len)
         record("store.timed_out()", store.timed_out, len)
         record("store.live_tasks()", store.live_tasks, len)
@@ -965,7 +1029,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, wall_s: floa
     text, growing, slower = render(results)
     print(
         f"calls: median and p95 of {args.reps} (after 3 untimed), with {HELD_LIVE} tasks live; "
-        "buffers: shared buffers its SQL touched (EXPLAIN ANALYZE BUFFERS, one call)"
+        "buffers: shared buffers its SQL touched (EXPLAIN ANALYZE BUFFERS, one call); db ms: "
+        "its execution time in the server; for the passes, rows is how many passes"
     )
     print(text)
     print()

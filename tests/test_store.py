@@ -215,6 +215,10 @@ def test_candidates_are_in_priority_then_age_order(store: Store, clock: FakeCloc
     assert blocked.id not in ids and later.id not in ids
     assert [t.id for t in store.candidates(queues=["other"])] == []
     assert store.next_scheduled_at() == low_old.scheduled_at
+    assert store.next_scheduled_at(queues=["other"]) is None
+    delayed = store.submit(make_spec(priority=3, queue="other", delay_s=60)).task
+    assert store.next_scheduled_at(queues=["other"]) == delayed.scheduled_at
+    assert store.next_scheduled_at() == low_old.scheduled_at
     claimed = store.claim(2, node_id="n")
     assert [lease.task.id for lease in claimed] == [high.id, low_old.id]
 

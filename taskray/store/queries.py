@@ -224,11 +224,34 @@ class QueriesMixin(StoreBase):
 
     def next_scheduled_at(self, *, queues: Sequence[str] | None = None) -> datetime | None:
         """When the earliest queued task becomes due (in the past if one is due now)."""
-        query = sa.select(sa.func.min(tasks.c.scheduled_at)).where(
-            tasks.c.status == TaskState.QUEUED.value
-        )
-        if queues is not None:
-            query = query.where(tasks.c.queue.in_(list(queues)))
         with self.read_transaction() as (connection, _):
-            value = connection.execute(query).scalar_one_or_none()
+            if self.is_postgres:
+                # The ready index leads with priority, so min(scheduled_at) over it would
+                # scan every queued row (0.4 s at a million). Instead, one probe per
+                # priority level in use (a loose index scan): O(levels x log n).
+                in_queues = " AND queue = ANY(:queues)" if queues is not None else ""
+                t_in_queues = " AND t.queue = ANY(:queues)" if queues is not None else ""
+                value = connection.execute(
+                    sa.text(
+                        "WITH RECURSIVE levels(priority) AS ("
+                        f" SELECT max(priority) FROM tasks WHERE status = 'queued'{in_queues}"
+                        " UNION ALL SELECT (SELECT max(t.priority) FROM tasks t"
+                        " WHERE t.status = 'queued' AND t.priority < levels.priority"
+                        f"{t_in_queues})"
+                        " FROM levels WHERE levels.priority IS NOT NULL)"
+                        " SELECT min(first.scheduled_at) FROM levels CROSS JOIN LATERAL ("
+                        " SELECT t.scheduled_at FROM tasks t"
+                        " WHERE t.status = 'queued' AND t.priority = levels.priority"
+                        f"{t_in_queues}"
+                        " ORDER BY t.scheduled_at LIMIT 1) AS first"
+                    ),
+                    {"queues": list(queues)} if queues is not None else {},
+                ).scalar_one_or_none()
+            else:
+                query = sa.select(sa.func.min(tasks.c.scheduled_at)).where(
+                    tasks.c.status == TaskState.QUEUED.value
+                )
+                if queues is not None:
+                    query = query.where(tasks.c.queue.in_(list(queues)))
+                value = connection.execute(query).scalar_one_or_none()
         return None if value is None else _aggregate_datetime(value)
