@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import ray
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from taskray.errors import StoreUnavailableError
 from taskray.models import (
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: The node's connections: enough for lanes committing at once; a group commit holds one
 #: for a few milliseconds.
+#: How long the agent keeps retrying an unreachable store with outcomes it was handed;
+#: after that the leases run out and the reaper retries the tasks.
+COMMIT_RETRY_S = 60.0
 AGENT_POOL: dict[str, Any] = {
     "pool_size": 4,
     "max_overflow": 4,
@@ -91,6 +95,26 @@ class _NodeAgent:
 
     def fail_many(self, failures: Sequence[Failure]) -> dict[uuid.UUID, TaskState | None]:
         return self._open().fail_many(failures)
+
+    def commit(self, successes: Sequence[Success], failures: Sequence[Failure]) -> int:
+        """A lane's outcomes, sent without waiting: committed here, retried while the store
+        is unreachable (up to ``COMMIT_RETRY_S``); how many committed."""
+        store = self._open()
+        committed = 0
+        for attempt in Retrying(
+            retry=retry_if_exception_type(StoreUnavailableError),
+            wait=wait_exponential_jitter(initial=0.1, max=5.0),
+            stop=stop_after_delay(COMMIT_RETRY_S),
+            reraise=True,
+        ):
+            with attempt:
+                if successes:
+                    committed += len(store.complete_many(successes).committed)
+                    successes = ()
+                if failures:
+                    states = store.fail_many(failures)
+                    committed += sum(1 for state in states.values() if state is not None)
+        return committed
 
     def complete(
         self, task_id: uuid.UUID, lease_id: uuid.UUID, result: Any, write: TransactionalWrite
@@ -157,6 +181,10 @@ class NodeStore:
     def complete_many(self, successes: Sequence[Success]) -> BatchCommit:
         done: BatchCommit = self._call("complete_many", list(successes))
         return done
+
+    def commit_later(self, successes: Sequence[Success], failures: Sequence[Failure]) -> None:
+        """Hand outcomes to the agent to commit, without waiting for it."""
+        self.agent.commit.remote(list(successes), list(failures))
 
     def fail_many(self, failures: Sequence[Failure]) -> dict[uuid.UUID, TaskState | None]:
         states: dict[uuid.UUID, TaskState | None] = self._call("fail_many", list(failures))

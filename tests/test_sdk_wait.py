@@ -15,7 +15,7 @@ import pytest
 
 from api.settings import Settings
 from taskray.errors import StoreUnavailableError, UnknownTaskError
-from taskray.models import Lease, Task, TaskSpec, TaskState
+from taskray.models import Lease, TaskSpec, TaskState
 from taskray.sdk import handles
 from taskray.sdk.remote import RemoteBackend
 from taskray.store import Store
@@ -24,22 +24,23 @@ from tests.test_api import serve
 
 
 class CountingReads:
-    """Wraps ``store.get_many`` to record the ids each read names."""
+    """Wraps ``store.states_of`` (a waiter's read of the tasks it still waits for) to record
+    the ids each read names."""
 
     def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sizes: list[int] = []
         self.named: Counter[uuid.UUID] = Counter()
         self._lock = threading.Lock()
-        original = store.get_many
+        original = store.states_of
 
-        def get_many(task_ids: Any, **kwargs: Any) -> list[Task]:
+        def states_of(task_ids: Any, **kwargs: Any) -> dict[uuid.UUID, TaskState]:
             ids = list(task_ids)
             with self._lock:
                 self.sizes.append(len(ids))
                 self.named.update(ids)
             return original(ids, **kwargs)
 
-        monkeypatch.setattr(store, "get_many", get_many)
+        monkeypatch.setattr(store, "states_of", states_of)
 
     @property
     def calls(self) -> int:

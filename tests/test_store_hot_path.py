@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from taskray.errors import NotLeaderError
 from taskray.models import AttemptOutcome, Failure, Resources, Success, TaskState
 from taskray.store import Store
 from taskray.testing import FakeClock, make_spec
@@ -233,3 +234,23 @@ def test_behind_pgbouncer_no_statement_is_prepared(
         assert prepared == 0
     finally:
         store.close()
+
+
+def test_lease_many_is_fenced_by_the_leader_epoch(hot_store: Store) -> None:
+    a, b = submit_n(hot_store, 2)
+    epoch = hot_store.acquire_leadership("scheduler-1", ttl_s=15)
+    assert epoch is not None
+    with pytest.raises(NotLeaderError):
+        hot_store.lease_many([(a, "n1")], epoch=epoch + 1)
+    assert hot_store.get(a).status is TaskState.QUEUED
+    assert hot_store.attempts(a) == []
+    # A takeover with a fresh epoch fences the old one.
+    newer = hot_store.acquire_leadership("scheduler-1", ttl_s=15, fresh=True)
+    assert newer == epoch + 1
+    with pytest.raises(NotLeaderError):
+        hot_store.lease_many([(a, "n1")], epoch=epoch)
+    grants = hot_store.lease_many([(a, "n1"), (b, "n2")], epoch=newer)
+    assert [g.task_id for g in grants] == [a, b]
+    assert hot_store.get(b).epoch == newer
+    # Nothing left to lease: the epoch still holds, and nothing is granted.
+    assert hot_store.lease_many([(a, "n1")], epoch=newer) == []

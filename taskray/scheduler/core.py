@@ -82,7 +82,7 @@ class SchedulerConfig:
     #: A lane runs tasks of one shape back to back for about this long (by the durations
     #: seen so far for their types), so a priority task waits at most about this long
     #: for a lane to end.
-    lane_target_s: float = 0.02
+    lane_target_s: float = 0.1
     max_lane_tasks: int = 64
     #: Lanes each node may hold beyond what it has free (they wait in Ray for a slot).
     lease_ahead: int = 1
@@ -221,6 +221,7 @@ class Scheduler:
         self._schedule(report)
         for key in ("dispatched", "lanes", "timed_out", "reaped"):
             self.totals[key] += getattr(report, key)
+        self.totals["passes"] += 1
         self.last_report = report
         return report
 

@@ -143,7 +143,7 @@ def _failure(store: runtime.TaskBackend, task: Task) -> TaskFailedError:
 
 
 #: Ids read per query while waiting: only ids not yet known to be finished are re-read.
-READ_BATCH = 1000
+READ_BATCH = 5000
 #: With notifications (PostgreSQL), re-read this often anyway, in case one was missed.
 NOTIFIED_REREAD_S = 1.0
 #: Without notifications (SQLite, or no listener), the poll interval starts short, so one
@@ -207,24 +207,32 @@ def wait_terminal(
     pending = list(dict.fromkeys(ids))
     need = min(num_returns, len(pending))
     last_read_s = 0.0
+    #: The first read checks that every id exists; later ones ask for finished tasks only.
+    checked = False
 
     def read() -> bool:
         """Read the pending ids; True when enough have finished."""
-        nonlocal pending, last_read_s
+        nonlocal pending, last_read_s, checked
         started = time.monotonic()
         before = len(done)
         for start in range(0, len(pending), READ_BATCH):
             chunk = pending[start : start + READ_BATCH]
-            if tenant is None:
-                tasks = store.get_many(chunk)
+            if isinstance(store, Store):
+                # States first (ids and states only), then the rows of the finished ones:
+                # a read costs what finished, not what is still pending.
+                states = store.states_of(chunk, tenant=tenant, finished_only=checked)
+                finished = [i for i in chunk if i in states and states[i].is_terminal]
+                tasks = store.get_many(finished, tenant=tenant) if finished else []
             else:
-                assert isinstance(store, Store), "tenant-scoped reads need the store"
-                tasks = store.get_many(chunk, tenant=tenant)
+                assert tenant is None, "tenant-scoped reads need the store"
+                tasks = store.get_many(chunk)
             for task in tasks:
                 if task.status.is_terminal:
                     done[task.id] = task
             if len(done) >= need:
                 break
+        else:
+            checked = True
         if len(done) > before:
             pending = [i for i in pending if i not in done]
             if on_progress is not None:

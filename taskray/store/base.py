@@ -242,10 +242,17 @@ class StoreBase:
     def read_transaction(self) -> Iterator[tuple[Connection, datetime]]:
         """A transaction that only reads: on SQLite it takes no write lock (WAL readers
         never wait), so reads do not queue behind the executors' writes."""
+        with self.read_connection() as connection:
+            yield connection, self.clock.now(connection)
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """``read_transaction`` without reading the clock (for statements that use the
+        database's own ``now()``)."""
         with self._errors(), self.engine.connect() as connection:
             connection.execution_options(**{engines.READ_ONLY: True})
             with connection.begin():
-                yield connection, self.clock.now(connection)
+                yield connection
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

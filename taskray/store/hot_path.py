@@ -18,12 +18,12 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from taskray.errors import LeaseLostError
+from taskray.errors import LeaseLostError, NotLeaderError
 from taskray.models import (
     AttemptOutcome,
     BatchCommit,
@@ -90,7 +90,7 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         """Up to ``limit`` ready tasks, highest priority first, then oldest; without their
         payloads. An index range scan (``ix_tasks_ready``): its cost does not grow with
         the number of queued or finished tasks."""
-        with self.read_transaction() as (connection, _):
+        with self.read_connection() as connection:
             now, _ = self._sql_now(connection)
             query = (
                 sa.select(*_READY_COLUMNS)
@@ -144,17 +144,26 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         if len(leases) != len(requests):
             raise ValueError("a task is named twice in one lease request")
         with self._errors(), self.engine.begin() as connection:
-            now, now_value = self._sql_now(connection)
-            # The epoch check compares with the same time the statements use.
-            self._check_epoch(connection, cast(Any, now), epoch, leader_name)
+            _, now_value = self._sql_now(connection)
             if self.is_postgres and self.sql_clock:
+                # The epoch check is part of the statement: the leader row is read FOR
+                # SHARE (a takeover waits for this lease to commit), and without it no
+                # row is chosen. The first column says whether the epoch held.
+                leader = (
+                    "SELECT 1 FROM leader_leases WHERE name = :leader AND epoch = :epoch"
+                    " AND expires_at > now() FOR SHARE"
+                    if epoch is not None
+                    else "SELECT 1"
+                )
                 rows = connection.execute(
                     sa.text(
+                        f"WITH leader AS ({leader}),"
                         # SKIP LOCKED: a row another transaction holds is being changed
                         # there (cancelled, say); it is left out, never waited on.
-                        "WITH chosen AS ("
+                        " chosen AS ("
                         " SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS uuid[]))"
                         " AND status = 'queued' AND scheduled_at <= now()"
+                        " AND EXISTS (SELECT 1 FROM leader)"
                         " FOR UPDATE SKIP LOCKED),"
                         " leased AS ("
                         " UPDATE tasks t SET status = 'leased', lease_id = b.lease,"
@@ -164,11 +173,13 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
                         " FROM unnest(CAST(:ids AS uuid[]), CAST(:nodes AS text[]),"
                         " CAST(:leases AS uuid[])) AS b(id, node, lease)"
                         " WHERE t.id = b.id AND t.id IN (SELECT id FROM chosen)"
-                        " RETURNING t.id, t.attempt, t.lease_id, t.node_id)"
-                        " INSERT INTO task_attempts"
+                        " RETURNING t.id, t.attempt, t.lease_id, t.node_id),"
+                        " attempts AS (INSERT INTO task_attempts"
                         " (task_id, attempt, lease_id, node_id, leased_at)"
                         " SELECT id, attempt, lease_id, node_id, now() FROM leased"
-                        " RETURNING task_id, attempt, lease_id, node_id"
+                        " RETURNING task_id, attempt, lease_id, node_id)"
+                        " SELECT (SELECT count(*) FROM leader) AS leading, a.*"
+                        " FROM (SELECT 1) AS one LEFT JOIN attempts AS a ON true"
                     ),
                     {
                         "ids": _ids(t for t, _ in requests),
@@ -176,12 +187,18 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
                         "leases": _ids(leases[t] for t, _ in requests),
                         "ttl": ttl,
                         "epoch": epoch,
+                        "leader": leader_name,
                     },
                 ).all()
-                granted = {row.task_id: row for row in rows}
+                if not rows[0].leading:
+                    raise NotLeaderError(
+                        f"epoch {epoch} does not hold the {leader_name!r} leader lease",
+                        epoch=epoch,
+                    )
+                granted = {row.task_id: row for row in rows if row.task_id is not None}
             else:
-                assert now_value is not None or not self.is_postgres
                 at = now_value or self.clock.now(connection)
+                self._check_epoch(connection, at, epoch, leader_name)
                 granted = self._lease_row_by_row(connection, at, requests, leases, ttl, epoch)
         return [
             Grant(
