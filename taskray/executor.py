@@ -29,17 +29,11 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import cloudpickle
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
 from taskray import serialization
 from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
 from taskray.models import BatchCommit, Failure, StartedBatch, Success, Task, TaskState
-from taskray.node import NodeStore
+from taskray.node import NodeStore, with_retries
 
 if TYPE_CHECKING:
     # Every worker process imports this module; executors reach the store through their
@@ -76,10 +70,6 @@ class ExecutorStore(Protocol):
 
 
 T = TypeVar("T")
-
-#: How long the executor keeps retrying a store that cannot be reached before giving up;
-#: the lease then expires and the reaper retries the task elsewhere.
-STORE_RETRY_DEADLINE_S = 60.0
 
 
 class NonRetryableError(Exception):
@@ -189,7 +179,7 @@ _stores_lock = threading.Lock()
 
 #: An executor process needs two connections: one for the lane it runs, one for the lease
 #: keeper. No pre-ping per checkout (a round trip per transaction): a dropped connection
-#: fails one transaction, which ``_with_retries`` runs again on a fresh one.
+#: fails one transaction, which ``with_retries`` runs again on a fresh one.
 _EXECUTOR_POOL: dict[str, Any] = {"pool_size": 1, "max_overflow": 1, "pool_pre_ping": False}
 #: Outcomes wait at most this long for the rest of their group before they are committed.
 COMMIT_GROUP_S = 0.002
@@ -212,18 +202,6 @@ def store_for(database_url: str) -> Store:
     by every lane the process runs."""
     with _stores_lock:
         return _store_for(database_url)
-
-
-def _with_retries(call: Callable[[], T]) -> T:
-    for attempt in Retrying(
-        retry=retry_if_exception_type(StoreUnavailableError),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0),
-        stop=stop_after_delay(STORE_RETRY_DEADLINE_S),
-        reraise=True,
-    ):
-        with attempt:
-            return call()
-    raise AssertionError("unreachable")
 
 
 class _LeaseKeeper(threading.Thread):
@@ -405,7 +383,7 @@ class _CommitGroup:
     def _commit_with_write(self, outcome: _Outcome) -> None:
         task, lease, write = outcome.task, outcome.lease_id, outcome.write
         try:
-            _with_retries(lambda: self.store.complete(task.id, lease, outcome.result, write=write))
+            with_retries(lambda: self.store.complete(task.id, lease, outcome.result, write=write))
         except LeaseLostError:
             log.warning("task %s finished but its lease is gone; result not committed", task.id)
             self.report.append((str(task.id), "lease_lost", outcome.seconds))
@@ -443,13 +421,13 @@ class _CommitGroup:
             return
         try:
             if successes:
-                done = _with_retries(lambda: self.store.complete_many(successes))
+                done = with_retries(lambda: self.store.complete_many(successes))
                 self.report += [
                     (str(t), TaskState.SUCCEEDED.value, seconds[t]) for t in done.committed
                 ]
                 self.report += [(str(t), "lease_lost", seconds[t]) for t in done.refused]
             if failures:
-                states = _with_retries(lambda: self.store.fail_many(failures))
+                states = with_retries(lambda: self.store.fail_many(failures))
                 self.report += [
                     (str(t), state.value if state else "lease_lost", seconds[t])
                     for t, state in states.items()
@@ -495,7 +473,7 @@ def run_lane(
     lease_of = dict(pairs)
     group = _CommitGroup(store)
     try:
-        started = _with_retries(lambda: store.start_many(pairs, worker_id=worker_id()))
+        started = with_retries(lambda: store.start_many(pairs, worker_id=worker_id()))
     except StoreUnavailableError:
         log.error("store unreachable: lane of %d task(s) not started", len(pairs))
         return [(str(task_id), "store_unavailable", 0.0) for task_id, _ in pairs]

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -42,9 +42,26 @@ log = logging.getLogger(__name__)
 
 #: The node's connections: enough for lanes committing at once; a group commit holds one
 #: for a few milliseconds.
-#: How long the agent keeps retrying an unreachable store with outcomes it was handed;
-#: after that the leases run out and the reaper retries the tasks.
-COMMIT_RETRY_S = 60.0
+#: How long a store call is retried while the store cannot be reached; after that the
+#: leases run out and the reaper retries the tasks.
+STORE_RETRY_DEADLINE_S = 60.0
+
+T = TypeVar("T")
+
+
+def with_retries(call: Callable[[], T]) -> T:
+    """``call()``, again on a fresh connection while the store cannot be reached."""
+    for attempt in Retrying(
+        retry=retry_if_exception_type(StoreUnavailableError),
+        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        stop=stop_after_delay(STORE_RETRY_DEADLINE_S),
+        reraise=True,
+    ):
+        with attempt:
+            return call()
+    raise AssertionError("unreachable")
+
+
 AGENT_POOL: dict[str, Any] = {
     "pool_size": 4,
     "max_overflow": 4,
@@ -98,22 +115,14 @@ class _NodeAgent:
 
     def commit(self, successes: Sequence[Success], failures: Sequence[Failure]) -> int:
         """A lane's outcomes, sent without waiting: committed here, retried while the store
-        is unreachable (up to ``COMMIT_RETRY_S``); how many committed."""
+        is unreachable (up to ``STORE_RETRY_DEADLINE_S``); how many committed."""
         store = self._open()
         committed = 0
-        for attempt in Retrying(
-            retry=retry_if_exception_type(StoreUnavailableError),
-            wait=wait_exponential_jitter(initial=0.1, max=5.0),
-            stop=stop_after_delay(COMMIT_RETRY_S),
-            reraise=True,
-        ):
-            with attempt:
-                if successes:
-                    committed += len(store.complete_many(successes).committed)
-                    successes = ()
-                if failures:
-                    states = store.fail_many(failures)
-                    committed += sum(1 for state in states.values() if state is not None)
+        if successes:
+            committed += len(with_retries(lambda: store.complete_many(successes)).committed)
+        if failures:
+            states = with_retries(lambda: store.fail_many(failures))
+            committed += sum(1 for state in states.values() if state is not None)
         return committed
 
     def complete(
