@@ -157,12 +157,16 @@ def test_cpu_tasks_use_the_gpu_node_only_when_no_gpu_task_would_wait(
         assert task.started_at is not None
         # They did not wait for anything to finish first.
         assert task.leased_at is not None and task.leased_at < first_finish
+    # When each ran, by its attempt (a task's completed_at is when its result committed,
+    # which an executor hands off after the task has ended).
+    ran = {t.id: store.attempts(t.id)[-1] for t in tasks}
     overlap = [
         t
         for t in cpu_tasks
         if t.node_id in gpu_nodes
         and any(
-            t.started_at < g.completed_at and g.started_at < t.completed_at  # type: ignore[operator]
+            ran[t.id].started_at < ran[g.id].finished_at  # type: ignore[operator]
+            and ran[g.id].started_at < ran[t.id].finished_at  # type: ignore[operator]
             for g in gpu_tasks
         )
     ]
