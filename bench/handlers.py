@@ -53,12 +53,10 @@ def barrier(
 ) -> int:
     """Holds its worker until ``size`` tasks of ``group`` run at once, so Ray must start
     ``size`` distinct worker processes (the warm-up). With ``database_url`` the worker also
-    imports the executor and opens its per-process store, as a long-running one would have.
-    Returns the worker's pid."""
+    imports the executor, as a long-running one would have (executors open no store: they
+    reach it through their node's agent). Returns the worker's pid."""
     if database_url is not None:
-        from taskray.executor import store_for
-
-        store_for(database_url)
+        import taskray.executor  # noqa: F401
     Path(directory, f"{group}-{os.getpid()}").touch()
     deadline = time.monotonic() + timeout_s
     while len(list(Path(directory).glob(f"{group}-*"))) < size:

@@ -23,50 +23,24 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cloudpickle
 
 from taskray import serialization
 from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
-from taskray.models import BatchCommit, Failure, StartedBatch, Success, Task, TaskState
+from taskray.models import Failure, Success, Task, TaskState
 from taskray.node import NodeStore, with_retries
 
 if TYPE_CHECKING:
     # Every worker process imports this module; executors reach the store through their
     # node's agent, so the store (SQLAlchemy, psycopg) is not imported here.
-    from taskray.store import Store, TransactionalWrite
+    from taskray.store import TransactionalWrite
 
 log = logging.getLogger(__name__)
-
-
-class ExecutorStore(Protocol):
-    """What an executor needs of the store: the node agent's ``NodeStore`` on a cluster, or
-    a ``Store`` itself."""
-
-    def check_result(self, result: Any) -> None: ...
-    def start_many(
-        self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], *, worker_id: str | None = None
-    ) -> StartedBatch: ...
-    def heartbeat_many(
-        self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], *, ttl_s: float | None = None
-    ) -> BatchCommit: ...
-    def complete_many(self, successes: Sequence[Success]) -> BatchCommit: ...
-    def fail_many(self, failures: Sequence[Failure]) -> dict[uuid.UUID, TaskState | None]: ...
-    def complete(
-        self,
-        task_id: uuid.UUID,
-        lease_id: uuid.UUID,
-        result: Any = None,
-        *,
-        write: TransactionalWrite | None = None,
-    ) -> Task: ...
-    def get_function(self, digest: str) -> bytes: ...
-    def upstreams(self, task_id: uuid.UUID) -> list[uuid.UUID]: ...
-    def get(self, task_id: uuid.UUID) -> Task: ...
 
 
 T = TypeVar("T")
@@ -100,7 +74,7 @@ def register(name: str, function: Callable[..., Any]) -> None:
         _registry[name] = function
 
 
-def resolve(task_type: str, store: ExecutorStore | None = None) -> Callable[..., Any]:
+def resolve(task_type: str, store: NodeStore | None = None) -> Callable[..., Any]:
     """The handler for ``task_type``: a registered function, a function shipped by value
     (loaded from ``store`` once per process), or ``module:attribute``."""
     with _registry_lock:
@@ -138,7 +112,7 @@ class UpstreamNotReadyError(TaskrayError, NonRetryableError):
     upstreams, or one that has not succeeded."""
 
 
-def upstream_results(store: ExecutorStore, task: Task) -> Callable[[uuid.UUID], Any]:
+def upstream_results(store: NodeStore, task: Task) -> Callable[[uuid.UUID], Any]:
     """Results of the task's own upstreams, and of no other task: a payload naming any other
     task (another tenant's, say) gets nothing."""
     allowed: set[uuid.UUID] | None = None
@@ -172,43 +146,19 @@ def is_retryable(error: BaseException, task: Task | None = None) -> bool:
     return bool(names & set(retry_on))
 
 
-_stores: dict[str, Store] = {}
 _keepers: dict[tuple[str, float, float], _LeaseKeeper] = {}
 _node_stores: dict[str, NodeStore] = {}
-_stores_lock = threading.Lock()
+_node_stores_lock = threading.Lock()
 
-#: An executor process needs two connections: one for the lane it runs, one for the lease
-#: keeper. No pre-ping per checkout (a round trip per transaction): a dropped connection
-#: fails one transaction, which ``with_retries`` runs again on a fresh one.
-_EXECUTOR_POOL: dict[str, Any] = {"pool_size": 1, "max_overflow": 1, "pool_pre_ping": False}
 #: Outcomes wait at most this long for the rest of their group before they are committed.
 COMMIT_GROUP_S = 0.002
-
-
-def _store_for(database_url: str) -> Store:
-    from taskray.store import Store
-
-    store = _stores.get(database_url)
-    if store is None:
-        options = None if database_url.startswith("sqlite") else _EXECUTOR_POOL
-        store = _stores[database_url] = Store.open(
-            database_url, migrate=False, engine_options=options, relaxed_commits=True
-        )
-    return store
-
-
-def store_for(database_url: str) -> Store:
-    """One store (and its small connection pool) per database per worker process, reused
-    by every lane the process runs."""
-    with _stores_lock:
-        return _store_for(database_url)
 
 
 class _LeaseKeeper(threading.Thread):
     """Extends the leases of every task this process holds, all in one statement per
     interval: one thread per process, not one per task."""
 
-    def __init__(self, store: ExecutorStore, interval_s: float, ttl_s: float) -> None:
+    def __init__(self, store: NodeStore, interval_s: float, ttl_s: float) -> None:
         super().__init__(name="taskray-lease-keeper", daemon=True)
         self.store, self.interval_s, self.ttl_s = store, interval_s, ttl_s
         self._held: dict[uuid.UUID, uuid.UUID] = {}
@@ -246,15 +196,15 @@ class _LeaseKeeper(threading.Thread):
 def node_store(agent: Any) -> NodeStore:
     """The store through this node's agent, one per agent per process."""
     key = agent._actor_id.hex()
-    with _stores_lock:
+    with _node_stores_lock:
         store = _node_stores.get(key)
         if store is None:
             store = _node_stores[key] = NodeStore(agent)
         return store
 
 
-def lease_keeper(key: str, store: ExecutorStore, interval_s: float, ttl_s: float) -> _LeaseKeeper:
-    with _stores_lock:
+def lease_keeper(key: str, store: NodeStore, interval_s: float, ttl_s: float) -> _LeaseKeeper:
+    with _node_stores_lock:
         keeper = _keepers.get((key, interval_s, ttl_s))
         if keeper is None:
             keeper = _keepers[(key, interval_s, ttl_s)] = _LeaseKeeper(store, interval_s, ttl_s)
@@ -317,14 +267,14 @@ class _Outcome:
     retryable: bool = True
 
 
-def _run_one(store: ExecutorStore, task: Task, lease_id: uuid.UUID, clock: _LaneClock) -> _Outcome:
+def _run_one(store: NodeStore, task: Task, lease_id: uuid.UUID, clock: _LaneClock) -> _Outcome:
     outcome = _call(store, task, lease_id)
     return dataclasses.replace(
         outcome, started_at=clock(outcome.began), finished_at=clock(outcome.began + outcome.seconds)
     )
 
 
-def _call(store: ExecutorStore, task: Task, lease_id: uuid.UUID) -> _Outcome:
+def _call(store: NodeStore, task: Task, lease_id: uuid.UUID) -> _Outcome:
     began = time.perf_counter()
     try:
         handler = resolve(task.type, store)
@@ -361,7 +311,7 @@ def _call(store: ExecutorStore, task: Task, lease_id: uuid.UUID) -> _Outcome:
 class _CommitGroup:
     """Outcomes waiting to be committed together; the report of what was committed."""
 
-    def __init__(self, store: ExecutorStore) -> None:
+    def __init__(self, store: NodeStore) -> None:
         self.store = store
         self.pending: list[_Outcome] = []
         self.first_at = 0.0
@@ -411,31 +361,12 @@ class _CommitGroup:
             for o in pending
             if o.error is not None
         ]
-        if isinstance(self.store, NodeStore):
-            # Handed to the node's agent, not waited for: the lane's slot is free for the
-            # next lane at once instead of after a durable commit (a disk flush). The agent
-            # retries an unreachable store; if it dies first, the leases run out and the
-            # tasks run again (at-least-once execution; the fence keeps the commit once).
-            self.store.commit_later(successes, failures)
-            self.report += [(str(t), "committing", s) for t, s in seconds.items()]
-            return
-        try:
-            if successes:
-                done = with_retries(lambda: self.store.complete_many(successes))
-                self.report += [
-                    (str(t), TaskState.SUCCEEDED.value, seconds[t]) for t in done.committed
-                ]
-                self.report += [(str(t), "lease_lost", seconds[t]) for t in done.refused]
-            if failures:
-                states = with_retries(lambda: self.store.fail_many(failures))
-                self.report += [
-                    (str(t), state.value if state else "lease_lost", seconds[t])
-                    for t, state in states.items()
-                ]
-        except StoreUnavailableError:
-            # Gave up after the retry deadline: the leases run out and the reaper retries.
-            log.error("store unreachable: %d outcome(s) not committed", len(pending))
-            self.report += [(str(t), "store_unavailable", s) for t, s in seconds.items()]
+        # Handed to the node's agent, not waited for: the lane's slot is free for the next
+        # lane at once instead of after a durable commit (a disk flush). The agent retries
+        # an unreachable store; if it dies first, the leases run out and the tasks run again
+        # (at-least-once execution; the fence keeps the commit once).
+        self.store.commit_later(successes, failures)
+        self.report += [(str(t), "committing", s) for t, s in seconds.items()]
 
 
 def execute_batch(
@@ -463,7 +394,7 @@ def execute_batch(
 
 
 def run_lane(
-    store: ExecutorStore,
+    store: NodeStore,
     store_key: str,
     pairs: list[tuple[uuid.UUID, uuid.UUID]],
     heartbeat_interval_s: float,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from taskray.errors import NotLeaderError
-from taskray.models import AttemptOutcome, Failure, Resources, Success, TaskState
+from taskray.models import AttemptOutcome, Failure, LeaseRequest, Resources, Success, TaskState
 from taskray.store import Store
 from taskray.testing import FakeClock, make_spec
 
@@ -254,3 +254,26 @@ def test_lease_many_is_fenced_by_the_leader_epoch(hot_store: Store) -> None:
     assert hot_store.get(b).epoch == newer
     # Nothing left to lease: the epoch still holds, and nothing is granted.
     assert hot_store.lease_many([(a, "n1")], epoch=newer) == []
+
+
+def test_every_grant_clears_the_previous_attempt_s_start(
+    hot_store: Store, clock: FakeClock
+) -> None:
+    """lease, claim and lease_many share the grant: none of them carries an earlier
+    attempt's started_at into a new attempt (its timeout would count from there)."""
+    (task_id,) = submit_n(hot_store, 1, max_retries=5, backoff_base_s=0.0, backoff_cap_s=0.0)
+    for grant in ("claim", "lease", "lease_many"):
+        if grant == "claim":
+            (lease,) = hot_store.claim(1, node_id="n1")
+            lease_id = lease.lease_id
+        elif grant == "lease":
+            (lease,) = hot_store.lease([LeaseRequest(task_id, "n1")], epoch=None)
+            lease_id = lease.lease_id
+        else:
+            (granted,) = hot_store.lease_many([(task_id, "n1")], epoch=None)
+            lease_id = granted.lease_id
+        assert hot_store.get(task_id).started_at is None, grant
+        hot_store.start_many([(task_id, lease_id)])
+        assert hot_store.get(task_id).started_at is not None
+        hot_store.fail_many([Failure(task_id, lease_id, "boom")])
+        clock.advance(1)

@@ -195,75 +195,29 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
                         f"epoch {epoch} does not hold the {leader_name!r} leader lease",
                         epoch=epoch,
                     )
-                granted = {row.task_id: row for row in rows if row.task_id is not None}
+                granted = {
+                    row.task_id: Grant(row.task_id, row.lease_id, row.node_id, row.attempt)
+                    for row in rows
+                    if row.task_id is not None
+                }
             else:
                 at = now_value or self.clock.now(connection)
                 self._check_epoch(connection, at, epoch, leader_name)
-                granted = self._lease_row_by_row(connection, at, requests, leases, ttl, epoch)
-        return [
-            Grant(
-                task_id,
-                granted[task_id].lease_id,
-                granted[task_id].node_id,
-                granted[task_id].attempt,
-            )
-            for task_id, _ in requests
-            if task_id in granted
-        ]
-
-    def _lease_row_by_row(
-        self,
-        connection: Connection,
-        now: datetime,
-        requests: Sequence[tuple[uuid.UUID, str | None]],
-        leases: dict[uuid.UUID, uuid.UUID],
-        ttl: float,
-        epoch: int | None,
-    ) -> dict[uuid.UUID, Any]:
-        ids = [task_id for task_id, _ in requests]
-        lockable = sa.select(tasks.c.id).where(
-            tasks.c.id.in_(ids),
-            tasks.c.status == TaskState.QUEUED.value,
-            tasks.c.scheduled_at <= now,
-        )
-        available = set(connection.execute(self._lock(lockable, skip_locked=True)).scalars())
-        chosen = [(t, node) for t, node in requests if t in available]
-        if not chosen:
-            return {}
-        connection.execute(
-            sa.update(tasks)
-            .where(tasks.c.id == sa.bindparam("b_id"), tasks.c.status == TaskState.QUEUED.value)
-            .values(
-                status=TaskState.LEASED.value,
-                lease_id=sa.bindparam("b_lease"),
-                node_id=sa.bindparam("b_node"),
-                leased_at=now,
-                lease_expires_at=now + timedelta(seconds=ttl),
-                epoch=epoch,
-                attempt=tasks.c.attempt + 1,
-                started_at=None,
-            ),
-            [{"b_id": t, "b_node": node, "b_lease": leases[t]} for t, node in chosen],
-        )
-        rows = connection.execute(
-            sa.select(
-                tasks.c.id.label("task_id"), tasks.c.attempt, tasks.c.lease_id, tasks.c.node_id
-            ).where(tasks.c.id.in_([t for t, _ in chosen]))
-        ).all()
-        connection.execute(
-            sa.insert(task_attempts),
-            [
-                {
-                    "task_id": row.task_id,
-                    "attempt": row.attempt,
-                    "lease_id": row.lease_id,
-                    "node_id": row.node_id,
-                    "leased_at": now,
+                leased = self._grant(
+                    connection,
+                    at,
+                    [(task_id, node, leases[task_id]) for task_id, node in requests],
+                    epoch,
+                    ttl,
+                    ordered_ids=None,
+                )
+                granted = {
+                    lease.task.id: Grant(
+                        lease.task.id, lease.lease_id, lease.task.node_id, lease.task.attempt
+                    )
+                    for lease in leased
                 }
-                for row in rows
-            ],
-        )
-        return {row.task_id: row for row in rows}
+        return [granted[task_id] for task_id, _ in requests if task_id in granted]
 
     # -- the executor's transitions ---------------------------------------------------------
 

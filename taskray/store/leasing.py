@@ -134,6 +134,8 @@ class LeasingMixin(StoreBase):
                 lease_expires_at=expires,
                 epoch=epoch,
                 attempt=tasks.c.attempt + 1,
+                # A new attempt has not started: its timeout counts from its own start.
+                started_at=None,
             ),
             params,
         )
