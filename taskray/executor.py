@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cloudpickle
+import ray
 
 from taskray import serialization
 from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
@@ -367,6 +368,14 @@ class _CommitGroup:
         # (at-least-once execution; the fence keeps the commit once).
         self.store.commit_later(successes, failures)
         self.report += [(str(t), "committing", s) for t, s in seconds.items()]
+
+
+def warm(agent: Any, group: str, size: int, timeout_s: float) -> int:
+    """A warm-up task: holds its worker process until ``size`` warm-up tasks of ``group``
+    run at once on the node, so that Ray starts that many processes (each with this
+    module imported) for lanes to reuse. Returns the process id."""
+    ray.get(agent.barrier.remote(group, size, timeout_s))
+    return os.getpid()
 
 
 def execute_batch(

@@ -20,7 +20,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+from tenacity.wait import wait_base
 
 from taskray.errors import StoreUnavailableError
 from taskray.models import (
@@ -49,11 +56,17 @@ STORE_RETRY_DEADLINE_S = 60.0
 T = TypeVar("T")
 
 
+def store_backoff(max_s: float = 2.0) -> wait_base:
+    """Waits between tries to reach the store: 0.1 s doubling to ``max_s``, plus a little
+    jitter. Capped low, so that a store that is back is used within about ``max_s``."""
+    return wait_exponential(multiplier=0.1, max=max_s) + wait_random(0, 0.1)
+
+
 def with_retries(call: Callable[[], T]) -> T:
     """``call()``, again on a fresh connection while the store cannot be reached."""
     for attempt in Retrying(
         retry=retry_if_exception_type(StoreUnavailableError),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        wait=store_backoff(),
         stop=stop_after_delay(STORE_RETRY_DEADLINE_S),
         reraise=True,
     ):
@@ -76,6 +89,8 @@ class _NodeAgent:
         self._database_url = database_url
         self._store: Store | None = None
         self._lock = threading.Lock()
+        self._arrivals: dict[str, int] = {}
+        self._arrived = threading.Condition()
 
     def _open(self) -> Store:
         from taskray.store import Store
@@ -93,6 +108,25 @@ class _NodeAgent:
 
     def ready(self) -> bool:
         return True
+
+    def open(self) -> bool:
+        """Open the store now (the scheduler warms its nodes when it starts), so the first
+        lane does not wait for it; False, not an error, while the store is unreachable:
+        each later call opens it again."""
+        try:
+            self._open()
+        except Exception:  # unreachable, or not migrated yet: the first real call says why
+            log.warning("node agent: the store did not open; it opens on first use", exc_info=True)
+            return False
+        return True
+
+    def barrier(self, group: str, size: int, timeout_s: float) -> bool:
+        """Returns when ``size`` callers of ``group`` have arrived (or after ``timeout_s``):
+        warm-up tasks wait here so that each holds a worker process of its own."""
+        with self._arrived:
+            self._arrivals[group] = self._arrivals.get(group, 0) + 1
+            self._arrived.notify_all()
+            return self._arrived.wait_for(lambda: self._arrivals[group] >= size, timeout=timeout_s)
 
     def max_payload_bytes(self) -> int:
         return self._open().max_payload_bytes

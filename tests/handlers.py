@@ -63,3 +63,10 @@ def connections_here() -> dict[str, object]:
     import sys
 
     return {"driver": "psycopg" in sys.modules, "pid": os.getpid()}
+
+
+def worker_born() -> dict[str, object]:
+    """When this worker process was created (this host's clock), and its pid."""
+    import psutil
+
+    return {"pid": os.getpid(), "born": psutil.Process().create_time()}

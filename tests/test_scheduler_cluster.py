@@ -6,6 +6,7 @@ Nodes: a head that runs nothing, two CPU nodes and one node declaring 2 GPUs.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -298,6 +299,40 @@ def test_the_scheduler_actor_is_named_detached_and_restarted(pg: tuple[Store, st
     finally:
         assert stop_scheduler()
     assert store.leadership() is None
+
+
+def test_the_scheduler_starts_worker_processes_on_every_node_before_it_is_ready(
+    pg: tuple[Store, str], cluster: Cluster
+) -> None:
+    """A worker process takes seconds to start, and Ray keeps GPU and CPU ones apart: the
+    first tasks of each kind on a node must find one already running. (A node of its own,
+    which no earlier test's tasks ran on.)"""
+    store, url = pg
+    node = cluster.add_node(num_cpus=2, num_gpus=1, resources={"new_node": 2})
+    cluster.wait_for_nodes()
+    handle = start_scheduler(url, SchedulerConfig(reap_interval_s=0.5))
+    try:
+        submitted_at = time.time()
+        specs = [
+            make_spec(
+                "tests.handlers:worker_born",
+                resources=Resources(num_cpus=1, num_gpus=1, custom={"new_node": 1}),
+            ),
+            make_spec(
+                "tests.handlers:worker_born",
+                resources=Resources(num_cpus=1, custom={"new_node": 1}),
+            ),
+        ]
+        ids = [store.submit(spec).task.id for spec in specs]
+        wait_for(lambda: all(t.status.is_terminal for t in store.get_many(ids)), timeout_s=60)
+        tasks = store.get_many(ids)
+        assert [t.status for t in tasks] == [TaskState.SUCCEEDED] * 2
+        for task in tasks:
+            assert task.result["born"] < submitted_at, task
+        assert ray.get(handle.warmed.remote(0.0))
+    finally:
+        assert stop_scheduler()
+        cluster.remove_node(node)
 
 
 def test_the_sdk_joins_a_cluster_and_refuses_sqlite_there(

@@ -293,12 +293,20 @@ def test_a_result_commits_once_and_only_with_the_live_lease(store: Store, clock:
     lease = lease_one(store, ttl_s=5)
     with pytest.raises(LeaseLostError):
         store.complete(task.id, uuid.uuid4(), "forged")
-    store.complete(task.id, lease.lease_id, "first")
+    writes: list[str] = []
+    store.complete(task.id, lease.lease_id, "first", write=lambda _c: writes.append("first"))
+    # The same lease again (a retry whose reply was lost): told it committed, and neither
+    # its result nor its write is written again.
+    clock.advance(10)
+    again = store.complete(task.id, lease.lease_id, "second", write=lambda _c: writes.append("2"))
+    assert again.status is TaskState.SUCCEEDED and again.result == "first"
+    assert writes == ["first"]
     with pytest.raises(LeaseLostError):
-        store.complete(task.id, lease.lease_id, "second")
+        store.complete(task.id, uuid.uuid4(), "forged")
     with pytest.raises(LeaseLostError):
         store.heartbeat(task.id, lease.lease_id)
     assert store.get(task.id).result == "first"
+    assert [a.outcome for a in store.attempts(task.id)] == [AttemptOutcome.SUCCEEDED]
 
 
 def test_an_expired_lease_is_lost_and_reaped(store: Store, clock: FakeClock) -> None:
@@ -437,14 +445,21 @@ def test_oversized_or_unserialisable_result_is_refused(make_store: Callable[...,
     assert store.get(task.id).status is TaskState.LEASED
 
 
-def test_start_needs_a_leased_task(store: Store) -> None:
+def test_start_needs_a_leased_task(store: Store, clock: FakeClock) -> None:
     task = store.submit(make_spec()).task
     with pytest.raises(LeaseLostError):
         store.start(task.id, uuid.uuid4())
-    lease = lease_one(store)
-    store.start(task.id, lease.lease_id)
+    lease = lease_one(store, ttl_s=5)
+    running = store.start(task.id, lease.lease_id)
+    # Already running under this lease (a retry whose reply was lost): returned as it is.
+    clock.advance(1)
+    again = store.start(task.id, lease.lease_id)
+    assert again.status is TaskState.RUNNING and again.started_at == running.started_at
     with pytest.raises(LeaseLostError):
-        store.start(task.id, lease.lease_id)  # already running
+        store.start(task.id, uuid.uuid4())
+    clock.advance(5)
+    with pytest.raises(LeaseLostError):
+        store.start(task.id, lease.lease_id)  # its lease ran out
 
 
 # -- cancel -----------------------------------------------------------------------------------

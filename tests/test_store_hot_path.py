@@ -106,10 +106,58 @@ def test_a_batch_with_stale_leases_commits_the_rest_once(
         assert hot_store.attempts(ids[i])[-1].worker_id == "w1"
     assert hot_store.get(ids[1]).status is TaskState.CANCELLED
     assert hot_store.get(ids[4]).status is TaskState.LEASED
-    # Committing again changes nothing: every row is refused.
+    # Committing again changes nothing: the stale rows are refused again, and the committed
+    # ones are reported committed (a retry whose reply was lost) without being written again.
     again = hot_store.complete_many([Success(t, lease, "late") for t, lease in leases])
-    assert again.committed == []
+    assert again.committed == [ids[0], ids[2], ids[3], ids[5]]
+    assert again.refused == [ids[1], ids[4]]
     assert hot_store.get(ids[0]).result == {"n": 0}
+    assert hot_store.get(ids[4]).status is TaskState.LEASED
+
+
+def test_a_start_retried_after_its_reply_was_lost_succeeds(
+    hot_store: Store, clock: FakeClock
+) -> None:
+    """The executor retries a start whose commit landed but whose reply was lost: the retry
+    gets the tasks as started, their start as it was, and only under their own lease."""
+    first_id, second_id = submit_n(hot_store, 2)
+    leases = lease_all(hot_store, [first_id, second_id])
+    first = hot_store.start_many(leases[:1], worker_id="w1")
+    clock.advance(1)
+    again = hot_store.start_many(leases, worker_id="w1")
+    assert [t.id for t in again.tasks] == [first_id, second_id]
+    assert again.refused == []
+    assert all(t.status is TaskState.RUNNING for t in again.tasks)
+    started_at = first.tasks[0].started_at
+    assert again.tasks[0].started_at == started_at
+    assert hot_store.get(first_id).started_at == started_at
+    [attempt] = hot_store.attempts(first_id)
+    assert attempt.started_at == started_at and attempt.worker_id == "w1"
+    stale = hot_store.start_many([(first_id, uuid.uuid4()), (second_id, leases[1][1])])
+    assert stale.refused == [first_id]
+    assert [t.id for t in stale.tasks] == [second_id]
+
+
+def test_a_complete_retried_after_its_reply_was_lost_is_reported_once(hot_store: Store) -> None:
+    """A retried commit whose first try landed is reported committed, and writes nothing:
+    not the result, not the attempt, and it releases no downstream task a second time."""
+    results = hot_store.submit_many(
+        [make_spec(key="a"), make_spec(key="b"), make_spec(key="both", depends_on=["a", "b"])]
+    )
+    a, b, both = (r.task.id for r in results)
+    (lease_a, lease_b) = (lease for _, lease in lease_all(hot_store, [a, b]))
+    hot_store.start_many([(a, lease_a), (b, lease_b)])
+    assert hot_store.complete_many([Success(a, lease_a, 1)]).committed == [a]
+    again = hot_store.complete_many([Success(a, lease_a, "retried")])
+    assert again.committed == [a] and again.refused == []
+    assert hot_store.get(a).result == 1
+    assert [x.outcome for x in hot_store.attempts(a)] == [AttemptOutcome.SUCCEEDED]
+    downstream = hot_store.get(both)
+    assert downstream.status is TaskState.BLOCKED and downstream.pending_upstreams == 1
+    # Only the lease that committed it: any other is refused.
+    assert hot_store.complete_many([Success(a, uuid.uuid4(), "forged")]).refused == [a]
+    assert hot_store.complete_many([Success(b, lease_b, 2)]).committed == [b]
+    assert hot_store.get(both).status is TaskState.QUEUED
 
 
 def test_start_many_refuses_stale_leases(hot_store: Store) -> None:

@@ -289,6 +289,15 @@ class StoreMachine(RuleBasedStateMachine):
         assert after.attempts == before.attempts
         assert after.edges == before.edges
 
+    def unchanged(self, call: Callable[[], Task]) -> Task:
+        """``call`` must succeed and leave every row as it was."""
+        before = read_database(self.store)
+        returned = call()
+        after = read_database(self.store)
+        assert after.tasks == before.tasks
+        assert after.attempts == before.attempts
+        return returned
+
     def settle(self) -> None:
         """Dependency rules of the reference model, applied until nothing changes."""
         changed = True
@@ -575,6 +584,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     def do_start(self, task_id: uuid.UUID, lease_id: uuid.UUID, worker: str | None) -> None:
         now = self.clock.now()
+        if self.holds(task_id, lease_id, frozenset({TaskState.RUNNING})):
+            # Started already under this lease (a retry whose reply was lost): returned as
+            # it is, and nothing changes.
+            self.unchanged(lambda: self.store.start(task_id, lease_id, worker_id=worker))
+            return
         if not self.holds(task_id, lease_id, frozenset({TaskState.LEASED})):
             self.refused(
                 lambda: self.store.start(task_id, lease_id, worker_id=worker), LeaseLostError
@@ -597,6 +611,13 @@ class StoreMachine(RuleBasedStateMachine):
         self.model[task_id].lease_expires_at = expires
 
     def do_complete(self, task_id: uuid.UUID, lease_id: uuid.UUID, result: Any) -> None:
+        m = self.model[task_id]
+        if m.status is TaskState.SUCCEEDED and m.commits[0][0] == lease_id:
+            # Committed already under this lease (a retry whose reply was lost): reported
+            # as committed, with the first result, and nothing changes.
+            task = self.unchanged(lambda: self.store.complete(task_id, lease_id, result))
+            assert task.result == m.commits[0][1]
+            return
         if not self.holds(task_id, lease_id, LIVE):
             self.refused(lambda: self.store.complete(task_id, lease_id, result), LeaseLostError)
             return
@@ -771,8 +792,10 @@ class StoreMachine(RuleBasedStateMachine):
             task_id, lease_id = candidates[pick % len(candidates)]
             chosen.setdefault(task_id, lease_id)
         pairs = list(chosen.items())
-        states = frozenset({TaskState.LEASED}) if op == "start" else LIVE
-        expected = [t for t, lease in pairs if self.holds(t, lease, states)]
+        expected = [t for t, lease in pairs if self.holds(t, lease, LIVE)]
+        # A start of a task running under that lease already (a retry whose reply was lost)
+        # reports it started, and changes nothing.
+        again = {t for t in expected if op == "start" and self.model[t].status is TaskState.RUNNING}
         refused_rows = {t for t, lease in pairs if t not in expected}
         before = read_database(self.store)
         if op == "start":
@@ -793,11 +816,13 @@ class StoreMachine(RuleBasedStateMachine):
         assert committed == expected
         assert refused == [t for t, _ in pairs if t in refused_rows]
         after = read_database(self.store)
-        for task_id in refused_rows:
+        for task_id in refused_rows | again:
             assert after.tasks[task_id] == before.tasks[task_id]
         for task_id in committed:
             m = self.model[task_id]
             lease_id = chosen[task_id]
+            if task_id in again:
+                continue
             if op == "start":
                 m.status = TaskState.RUNNING
                 m.attempts[-1].started_at = now

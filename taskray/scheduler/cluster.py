@@ -41,6 +41,7 @@ NODES_TTL_S = 2.0
 # Ray's stubs cannot type a function re-wrapped with options, hence Any.
 _execute_in_warm_worker: Any = ray.remote(max_retries=0)(executor.execute_batch)
 _execute_in_fresh_worker: Any = ray.remote(max_retries=0, max_calls=1)(executor.execute_batch)
+_warm: Any = ray.remote(num_cpus=0, max_retries=0)(executor.warm)
 
 _nodes_cache: tuple[float, list[dict[str, Any]]] | None = None
 _agents: dict[tuple[str, str], Any] = {}
@@ -62,6 +63,40 @@ def agent_for(node_id: str, database_url: str) -> Any:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         ).remote(database_url)
     return agent
+
+
+def warm_node(
+    node: NodeView, database_url: str, *, cpu_workers: int, gpu_workers: int, timeout_s: float
+) -> list[Any]:
+    """Start the node's agent with its store open, and ``cpu_workers`` + ``gpu_workers``
+    worker processes with the executor imported, for lanes to reuse: a worker process
+    takes seconds to start, and Ray never reuses a GPU task's process for CPU work or the
+    other way round, so both kinds are started. Returns refs that resolve when done.
+
+    CPU warm-up tasks reserve nothing; GPU ones hold a GPU each (Ray starts a GPU-kind
+    process only for a task that asks for a GPU) until all have started."""
+    agent = agent_for(node.node_id, database_url)
+    refs = [agent.open.remote()]
+    size = cpu_workers + gpu_workers
+    group = uuid.uuid4().hex
+    strategy = NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False)
+    for k in range(size):
+        refs.append(
+            _warm.options(
+                scheduling_strategy=strategy,
+                num_gpus=1 if k < gpu_workers else 0,
+                name="taskray:warm-up",
+            ).remote(agent, group, size, timeout_s)
+        )
+    return refs
+
+
+def settled(refs: Sequence[Any], timeout_s: float) -> bool:
+    """Whether every ref has resolved (or failed) within ``timeout_s``."""
+    if not refs:
+        return True
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    return len(ready) == len(refs)
 
 
 def stop_agents(database_url: str) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -84,11 +85,20 @@ class SchedulerConfig:
     #: for a lane to end.
     lane_target_s: float = 0.1
     max_lane_tasks: int = 64
-    #: Lanes each node may hold beyond what it has free (they wait in Ray for a slot).
+    #: Lanes each node may hold beyond what it has free, per CPU it has (they wait in Ray
+    #: for a slot, and start the moment one frees, without waiting for a pass).
     lease_ahead: int = 1
     #: Only tasks whose type is known to take at most this long are leased ahead.
     ahead_max_s: float = 0.5
     queues: tuple[str, ...] | None = None
+    #: Worker processes the leader starts on each node when it takes the lead (and on a
+    #: node when it joins), with the executor imported and the node agent's store open, so
+    #: the first tasks do not wait seconds for Ray to start processes: up to this many for
+    #: CPU work (at most the node's CPUs less its GPUs: Ray keeps about as many idle
+    #: workers as a node has CPUs) and one per GPU for GPU work. 0 turns warm-up off.
+    warm_workers_per_node: int = 8
+    #: How long warm-up tasks wait for each other before giving their worker back anyway.
+    warm_timeout_s: float = 30.0
 
 
 @dataclass
@@ -198,6 +208,18 @@ class Scheduler:
         #: (monotonic time, node, resources) of lanes that just ended: Ray's view of the
         #: node shows them free only a little later.
         self._released: deque[tuple[float, str, dict[str, float]]] = deque()
+        #: Nodes warmed up by this scheduler, and the refs of warm-up still in flight.
+        self._warmed: set[str] = set()
+        self._warming: list[Any] = []
+        self._first_pass = threading.Event()
+        #: Attempts of lanes that ended in Ray whose failure the store has not recorded yet
+        #: (it could not be reached): recorded on a later pass.
+        self._unrecorded: list[Failure] = []
+        #: Whether the LISTEN connection is up, and how often it was opened.
+        self.listener_connected = False
+        self.listener_connects = 0
+        #: The name of a service thread that stopped on its own (the loop then stops too).
+        self._service_died: str | None = None
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -205,6 +227,7 @@ class Scheduler:
         report = TickReport()
         if not self._hold_leadership():
             self.last_report = report
+            self._first_pass.set()
             return report
         report.leader = True
         report.finished = self._collect_finished()
@@ -219,6 +242,7 @@ class Scheduler:
         if self._vouch_timer.due(now):
             self._vouch_for_waiting_lanes()
         self._schedule(report)
+        self._first_pass.set()
         for key in ("dispatched", "lanes", "timed_out", "reaped"):
             self.totals[key] += getattr(report, key)
         self.totals["passes"] += 1
@@ -288,9 +312,14 @@ class Scheduler:
     def _schedule(self, report: TickReport) -> None:
         used, ahead = self._ledger()
         nodes = cluster.read_nodes(used, self._releases(), self._recently_released())
+        self._warm_up(nodes)
         slots = sum(_slots(node) for node in nodes)
         ahead_open = {
-            node.node_id: max(0, self.config.lease_ahead - ahead.get(node.node_id, 0))
+            node.node_id: max(
+                0,
+                self.config.lease_ahead * max(1, int(node.total.get("CPU", 0.0)))
+                - ahead.get(node.node_id, 0),
+            )
             for node in nodes
         }
         if slots == 0 and not any(ahead_open.values()):
@@ -332,6 +361,37 @@ class Scheduler:
         )
         if lanes:
             self._lease_and_dispatch(lanes, report)
+
+    def _warm_up(self, nodes: Sequence[NodeView]) -> None:
+        """Start worker processes on nodes this scheduler has not warmed yet."""
+        if self.config.warm_workers_per_node <= 0:
+            return
+        for node in nodes:
+            if node.node_id in self._warmed:
+                continue
+            self._warmed.add(node.node_id)
+            cpus = int(node.total.get("CPU", 0.0))
+            gpu_workers = min(int(node.total.get("GPU", 0.0)), cpus)
+            cpu_workers = min(self.config.warm_workers_per_node, cpus - gpu_workers)
+            self._warming += cluster.warm_node(
+                node,
+                self.database_url,
+                cpu_workers=cpu_workers,
+                gpu_workers=gpu_workers,
+                timeout_s=self.config.warm_timeout_s,
+            )
+
+    def warmed(self, timeout_s: float) -> bool:
+        """Waits (up to ``timeout_s``) until the first pass has warmed the nodes; False if
+        this scheduler is not the leader or warm-up did not finish in time."""
+        deadline = time.monotonic() + timeout_s
+        if not self._first_pass.wait(timeout_s) or self.epoch is None:
+            return False
+        warming = list(self._warming)
+        done = cluster.settled(warming, max(0.0, deadline - time.monotonic()))
+        if done:
+            self._warming = [ref for ref in self._warming if ref not in warming]
+        return done
 
     def _fill(self, first: ReadyTask, spare: list[ReadyTask]) -> list[ReadyTask]:
         """``first`` and, after it, spare tasks of its shape expected to end within the
@@ -417,9 +477,9 @@ class Scheduler:
         with self._lanes_lock:
             refs = list(self.lanes)
         ended = cluster.finished(refs, 0.0)
-        if not ended:
+        if not ended and not self._unrecorded:
             return 0
-        failures: list[Failure] = []
+        failures = list(self._unrecorded)
         count = 0
         for ref in ended:
             with self._lanes_lock:
@@ -446,7 +506,11 @@ class Scheduler:
                 log.warning("lane of %d task(s) ended in Ray: %s", len(lane.leases), ray_error)
             failures += [Failure(t, lease, reason) for t, lease in lane.leases.items()]
         if failures:
+            # Their lanes have left the ledger: if the store cannot take the failures now,
+            # a later pass records them (the fence refuses any that were recorded).
+            self._unrecorded = failures
             self.store.fail_many(failures)
+            self._unrecorded = []
         self.totals["finished"] += count
         return count
 
@@ -532,27 +596,38 @@ class Scheduler:
     def run(self) -> None:
         """Pass after pass until :meth:`stop`; sleeps until woken or a timer is due."""
         threads = [
-            threading.Thread(target=self._watch_lanes, name="taskray-lane-watch", daemon=True)
+            threading.Thread(
+                target=self._supervised(self._watch_lanes, "lane watch"),
+                name="taskray-lane-watch",
+                daemon=True,
+            )
         ]
         if self.store.is_postgres:
             threads.append(
-                threading.Thread(target=self._listen, name="taskray-listen", daemon=True)
+                threading.Thread(
+                    target=self._supervised(self._listen, "listen"),
+                    name="taskray-listen",
+                    daemon=True,
+                )
             )
         for thread in threads:
             thread.start()
+        failures = 0
         try:
             while not self._stop.is_set():
                 self._wake.clear()
                 try:
                     self.tick()
-                except StoreUnavailableError as exc:
-                    log.warning("store unavailable: %s; retrying", exc.message)
-                    self._stop.wait(1.0)
+                except Exception as exc:  # the loop survives anything; a bug must not stop it
+                    failures += 1
+                    pause = _backoff_s(failures)
+                    if isinstance(exc, StoreUnavailableError):
+                        log.warning("store unavailable: %s; retry in %.1f s", exc.message, pause)
+                    else:
+                        log.exception("scheduler pass failed; retry in %.1f s", pause)
+                    self._stop.wait(pause)
                     continue
-                except Exception:  # the loop survives anything; a bug must not stop it
-                    log.exception("scheduler pass failed; retrying")
-                    self._stop.wait(1.0)
-                    continue
+                failures = 0
                 if self.last_report.dispatched:
                     continue  # there may be more to place: no wait before the next pass
                 self._wake.wait(self._wait_s())
@@ -562,6 +637,8 @@ class Scheduler:
             for thread in threads:
                 thread.join(timeout=5)
             cluster.stop_agents(self.database_url)
+        if self._service_died is not None:
+            raise RuntimeError(f"the scheduler's {self._service_died} service stopped")
 
     def _wait_s(self) -> float:
         now = time.monotonic()
@@ -587,18 +664,38 @@ class Scheduler:
             wait = min(wait, max(0.0, until_due))
         return max(wait, 0.0)
 
+    def _supervised(self, service: Callable[[], None], name: str) -> Callable[[], None]:
+        """``service`` on its thread; if it ends before the scheduler stops (it raised), the
+        loop stops too, so that the process fails loudly (and is restarted) rather than
+        run on without it."""
+
+        def run() -> None:
+            try:
+                service()
+            except BaseException:
+                log.exception("the scheduler's %s service failed", name)
+            finally:
+                if not self._stop.is_set():
+                    self._service_died = name
+                    self.stop()
+
+        return run
+
     def _listen(self) -> None:
         """Wake the loop on new work (PostgreSQL NOTIFY); reconnect after any failure."""
-        backoff = 0.1
+        failures = 0
         while not self._stop.is_set():
             try:
                 listener = self.store.listener(self.config.poll_interval_s)
             except Exception as exc:
-                log.warning("cannot listen for new work (%s); retrying", exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                failures += 1
+                pause = _backoff_s(failures)
+                log.warning("cannot listen for new work (%s); retry in %.1f s", exc, pause)
+                self._stop.wait(pause)
                 continue
-            backoff = 0.1
+            failures = 0
+            self.listener_connected = True
+            self.listener_connects += 1
             # A pass now: work may have arrived while nobody was listening.
             self._wake.set()
             try:
@@ -608,6 +705,7 @@ class Scheduler:
             except Exception as exc:
                 log.warning("listening for new work failed (%s); reconnecting", exc)
             finally:
+                self.listener_connected = False
                 try:
                     listener.close()
                 except Exception:
@@ -650,11 +748,21 @@ class Scheduler:
             "lanes": len(lanes),
             "in_flight": sum(len(lane.leases) for lane in lanes),
             "totals": dict(self.totals),
+            "listener": {
+                "connected": self.listener_connected,
+                "connects": self.listener_connects,
+            },
             "last": {
                 "waiting": self.last_report.waiting,
                 "infeasible": [str(t) for t in self.last_report.infeasible],
             },
         }
+
+
+def _backoff_s(failures: int) -> float:
+    """The pause after ``failures`` failures in a row: 0.1 s doubling to at most 1 s, with
+    jitter, so that a store that is back is used again within about a second."""
+    return min(0.1 * 2.0 ** min(failures - 1, 8), 1.0) * random.uniform(0.75, 1.0)
 
 
 def _slots(node: NodeView) -> int:

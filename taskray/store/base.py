@@ -351,6 +351,29 @@ class StoreBase:
             )
         return row
 
+    def _already(
+        self,
+        connection: Connection,
+        pairs: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        state: TaskState,
+        now: datetime | sa.ColumnElement[Any],
+    ) -> dict[uuid.UUID, RowMapping]:
+        """The rows of ``pairs`` already in ``state`` under the very lease named: what a
+        retried start or complete finds when its first try committed but the reply was lost.
+        The retry is then told it succeeded, and nothing is written again. A running task's
+        lease must still be live; a result, once committed, stands."""
+        lease_of = dict(pairs)
+        query = sa.select(tasks).where(
+            tasks.c.id.in_(list(lease_of)), tasks.c.status == state.value
+        )
+        if state.is_live:
+            query = query.where(tasks.c.lease_expires_at > now)
+        return {
+            row["id"]: row
+            for row in connection.execute(query).mappings()
+            if row["lease_id"] == lease_of[row["id"]]
+        }
+
     def _transition(
         self, connection: Connection, row: RowMapping, values: Mapping[str, Any]
     ) -> RowMapping:

@@ -66,7 +66,7 @@ def create_engine(url: str | URL, *, relaxed_commits: bool = False, **kwargs: An
     parsed = normalise_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, **kwargs)
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    options: dict[str, Any] = {}
     connect_args = dict(kwargs.pop("connect_args", {}))
     if os.environ.get("TASKRAY_PGBOUNCER", "").lower() in ("1", "true", "transaction"):
         # Behind PgBouncer in transaction pooling mode a server connection changes between
@@ -87,7 +87,35 @@ def create_engine(url: str | URL, *, relaxed_commits: bool = False, **kwargs: An
         }
     )
     options.update(kwargs)
-    return sa.create_engine(parsed, **options)
+    engine = sa.create_engine(parsed, **options)
+    if not options.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+#: A pooled connection left idle longer than this is checked (one round trip) before it is
+#: used again: a database restart cuts connections while they sit in the pool. One in
+#: steady use is not (a ping per transaction would cost a fifth of a short one's time):
+#: if the server went away under it, its first statement fails and the caller retries,
+#: as every caller of the store does on ``StoreUnavailableError``.
+IDLE_PING_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("checked_in_at")
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool drops this connection and checks out a fresh one.
+            raise sa.exc.DisconnectionError() from exc
 
 
 def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:

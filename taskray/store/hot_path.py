@@ -225,7 +225,11 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], *, worker_id: str | None = None
     ) -> StartedBatch:
         """Mark leased tasks running, each fenced by its lease; the running tasks (with
-        their payloads) in the order asked, and the refused ones."""
+        their payloads) in the order asked, and the refused ones.
+
+        Idempotent for the lease holder: a task already running under the lease named (a
+        retry whose first try committed, its reply lost) is returned as started, its start
+        unchanged."""
         if not leases:
             return StartedBatch([], [])
         with self._errors(), self.engine.begin() as connection:
@@ -276,6 +280,10 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
                         .values(started_at=now, worker_id=worker_id)
                     )
                     rows.append(row)
+            got = {row["id"] for row in rows}
+            if len(got) < len(leases):
+                missing = [(t, lease) for t, lease in leases if t not in got]
+                rows += self._already(connection, missing, TaskState.RUNNING, now).values()
         by_id = {row["id"]: _task(row) for row in rows}
         started = [by_id[t] for t, _ in leases if t in by_id]
         return StartedBatch(
@@ -344,7 +352,8 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         In the same transaction: the attempts are recorded, and downstream tasks whose
         upstreams have now all succeeded are released. Results must have passed
         ``check_result``. Rows whose lease is stale are refused and named; the others
-        commit.
+        commit. A result already committed under the lease named (a retry whose first try
+        committed, its reply lost) is reported committed, and not written again.
         """
         if not successes:
             return BatchCommit([], [])
@@ -417,9 +426,14 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
                 # submit holds the upstream rows FOR SHARE until it commits).
                 self._release_downstream_of(connection, list(done))
                 self._notify_done(connection)
+            already: set[uuid.UUID] = set()
+            if len(done) < len(successes):
+                missing = [(s.task_id, s.lease_id) for s in successes if s.task_id not in done]
+                already = set(self._already(connection, missing, TaskState.SUCCEEDED, now))
+        committed = done | already
         return BatchCommit(
-            committed=[s.task_id for s in successes if s.task_id in done],
-            refused=[s.task_id for s in successes if s.task_id not in done],
+            committed=[s.task_id for s in successes if s.task_id in committed],
+            refused=[s.task_id for s in successes if s.task_id not in committed],
         )
 
     def _record_times(

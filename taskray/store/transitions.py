@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from taskray.errors import InvalidStateError, PayloadTooLargeError
+from taskray.errors import InvalidStateError, LeaseLostError, PayloadTooLargeError
 from taskray.models import AttemptOutcome, DeadLetter, RetryPolicy, Task, TaskState
 from taskray.store.base import (
     LIVE,
@@ -32,17 +32,24 @@ class TransitionsMixin(StoreBase):
     def start(
         self, task_id: uuid.UUID | str, lease_id: uuid.UUID, *, worker_id: str | None = None
     ) -> Task:
-        """The executor has begun running the task (fenced by its lease)."""
+        """The executor has begun running the task (fenced by its lease). Idempotent for
+        the lease holder: a task already running under ``lease_id`` is returned as it is."""
         task_uuid = _as_uuid(task_id)
         with self.transaction() as (connection, now):
-            row = self._fenced(
-                connection,
-                now,
-                task_uuid,
-                lease_id,
-                {"status": TaskState.RUNNING.value, "started_at": now},
-                states=(TaskState.LEASED.value,),
-            )
+            try:
+                row = self._fenced(
+                    connection,
+                    now,
+                    task_uuid,
+                    lease_id,
+                    {"status": TaskState.RUNNING.value, "started_at": now},
+                    states=(TaskState.LEASED.value,),
+                )
+            except LeaseLostError:
+                running = self._already(connection, [(task_uuid, lease_id)], TaskState.RUNNING, now)
+                if not running:
+                    raise
+                return _task(running[task_uuid])
             connection.execute(
                 sa.update(task_attempts)
                 .where(
@@ -84,6 +91,10 @@ class TransitionsMixin(StoreBase):
         In the same transaction: the attempt is recorded, downstream tasks whose upstreams
         have now all succeeded are released, and ``write(connection)`` runs so a handler's
         own rows commit (or roll back) with the result.
+
+        Idempotent for the lease holder: if the result was already committed under
+        ``lease_id`` (a retry whose first try committed, its reply lost), the task is
+        returned as it is, and neither the result nor ``write`` is written again.
         """
         size = _json_size(result)
         if size > self.max_payload_bytes:
@@ -95,19 +106,25 @@ class TransitionsMixin(StoreBase):
         task_uuid = _as_uuid(task_id)
         with self.transaction() as (connection, now):
             self._durable(connection)
-            row = self._fenced(
-                connection,
-                now,
-                task_uuid,
-                lease_id,
-                {
-                    "status": TaskState.SUCCEEDED.value,
-                    "result": result,
-                    "completed_at": now,
-                    "lease_expires_at": None,
-                    "last_error": None,
-                },
-            )
+            try:
+                row = self._fenced(
+                    connection,
+                    now,
+                    task_uuid,
+                    lease_id,
+                    {
+                        "status": TaskState.SUCCEEDED.value,
+                        "result": result,
+                        "completed_at": now,
+                        "lease_expires_at": None,
+                        "last_error": None,
+                    },
+                )
+            except LeaseLostError:
+                done = self._already(connection, [(task_uuid, lease_id)], TaskState.SUCCEEDED, now)
+                if not done:
+                    raise
+                return _task(done[task_uuid])
             self._finish_attempt(connection, row, now, AttemptOutcome.SUCCEEDED)
             self._release_downstream(connection, task_uuid)
             self._notify_done(connection)
