@@ -83,7 +83,7 @@ class SchedulerConfig:
     #: A lane runs tasks of one shape back to back for about this long (by the durations
     #: seen so far for their types), so a priority task waits at most about this long
     #: for a lane to end.
-    lane_target_s: float = 0.1
+    lane_target_s: float = 0.25
     max_lane_tasks: int = 64
     #: Lanes each node may hold beyond what it has free, per CPU it has (they wait in Ray
     #: for a slot, and start the moment one frees, without waiting for a pass).
