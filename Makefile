@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint install-check bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: setup
 	$(VENV)/bin/ruff check taskray api tests bench
 	$(VENV)/bin/ruff format --check taskray api tests bench
 	$(VENV)/bin/mypy taskray api
+
+# The wheel without extras in a fresh virtual environment: what `pip install taskray` gets.
+install-check:
+	PYTHON=$(PYTHON) .ci/install-check
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

@@ -14,12 +14,16 @@ from api.limits import BodyLimitMiddleware
 from api.metrics import Metrics, MetricsMiddleware
 from api.routers import dead_letter, health, queues, tasks
 from api.settings import Settings
+from taskray.registry import TaskRegistry
 from taskray.store import Store
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Refuses to serve with a task module that cannot be imported: a typo in the
+        # setting would otherwise refuse every task of that module.
+        app.state.registry.load_all()
         # Refuses to serve a database whose schema is not at head: run `taskray db upgrade`.
         store = Store.open(
             settings.database_url, migrate=False, max_payload_bytes=settings.max_payload_bytes
@@ -37,6 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.registry = TaskRegistry(settings.task_modules)
     app.state.metrics = Metrics()
     problems.install(app)
     for router in (tasks.router, dead_letter.router, queues.router, health.router):

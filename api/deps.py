@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.settings import Settings
 from taskray.errors import AuthenticationError, PermissionDeniedError
+from taskray.registry import TaskRegistry
 from taskray.store import API_SCOPES, Store
 
 
@@ -25,8 +26,14 @@ async def get_store(request: Request) -> Store:
     return store
 
 
+async def get_registry(request: Request) -> TaskRegistry:
+    registry: TaskRegistry = request.app.state.registry
+    return registry
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
+RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `taskray keys create`.")
 

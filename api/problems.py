@@ -27,6 +27,7 @@ from taskray.errors import (
     StoreUnavailableError,
     TaskrayError,
     UnknownTaskError,
+    UnregisteredTaskTypeError,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ STATUS_BY_ERROR: list[tuple[type[TaskrayError], int, str]] = [
     (PermissionDeniedError, 403, "forbidden"),
     (PayloadTooLargeError, 413, "payload-too-large"),
     (CycleError, 422, "dependency-cycle"),
+    (UnregisteredTaskTypeError, 422, "unregistered-task-type"),
     (InvalidTaskError, 422, "invalid-task"),
     (InvalidArgumentError, 400, "invalid-argument"),
     (UnknownTaskError, 404, "not-found"),

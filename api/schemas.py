@@ -15,6 +15,7 @@ from taskray.models import (
     MIN_PRIORITY,
     Attempt,
     AttemptOutcome,
+    Encoding,
     Resources,
     RetryPolicy,
     Task,
@@ -47,7 +48,7 @@ class BackoffCreate(BaseModel):
 
 
 _TASK_EXAMPLE: dict[str, Any] = {
-    "type": "reports.render",
+    "type": "reports.tasks:render",
     "payload": {"report_id": 42},
     "queue": "reports",
     "priority": 10,
@@ -68,7 +69,10 @@ class TaskCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_TASK_EXAMPLE]})
 
-    type: Name
+    type: Name = Field(
+        description="A registered task type: `module:function` of a function marked "
+        "`@taskray.task` in one of the deployment's task modules; any other is refused (422)."
+    )
     payload: JsonValue = None
     queue: Name = DEFAULT_QUEUE
     priority: int = Field(default=MIN_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
@@ -91,15 +95,6 @@ class TaskCreate(BaseModel):
         # Functions shipped by value are the Python SDK's, run from its own pickles.
         if value.startswith(serialization.PICKLED_TYPE_PREFIX):
             raise ValueError("task types shipped by value cannot be submitted over HTTP")
-        return value
-
-    @field_validator("payload")
-    @classmethod
-    def _plain_json(cls, value: JsonValue) -> JsonValue:
-        # Workers unpickle a pickled payload: accepting one over HTTP would let any key
-        # with the submit scope run arbitrary code on the cluster.
-        if serialization.is_pickled(value):
-            raise ValueError("pickled payloads are not accepted over HTTP; send plain JSON")
         return value
 
     @field_validator("scheduled_at")
@@ -139,6 +134,8 @@ class TaskCreate(BaseModel):
             labels=dict(self.labels),
             metadata=dict(self.metadata),
             key=self.key,
+            # Over HTTP a payload is JSON, whatever its shape; it is never unpickled.
+            encoding=Encoding.JSON,
         )
 
 
@@ -151,8 +148,12 @@ class TaskBatchCreate(BaseModel):
             "examples": [
                 {
                     "tasks": [
-                        {"key": "extract", "type": "etl.extract", "payload": {"day": "12-05"}},
-                        {"key": "load", "type": "etl.load", "depends_on": ["extract"]},
+                        {
+                            "key": "extract",
+                            "type": "etl.tasks:extract",
+                            "payload": {"day": "12-05"},
+                        },
+                        {"key": "load", "type": "etl.tasks:load", "depends_on": ["extract"]},
                     ]
                 }
             ]
@@ -221,6 +222,9 @@ class TaskPublic(BaseModel):
     idempotency_key: str | None
     labels: dict[str, str]
     metadata: dict[str, JsonValue]
+    #: "json", or "pickle": payload and result are Python pickles from a trusted Python
+    #: client (base64 under "__taskray_pickle__"), for that client to read.
+    encoding: Encoding
 
     @classmethod
     def fields_of(cls, task: Task) -> dict[str, Any]:
@@ -253,6 +257,7 @@ class TaskPublic(BaseModel):
             "idempotency_key": task.idempotency_key,
             "labels": dict(task.labels),
             "metadata": dict(task.metadata),
+            "encoding": task.encoding,
         }
 
     @classmethod

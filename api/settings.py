@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from taskray.models import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_TENANT
+from taskray.registry import parse_modules
 
 
 class Settings(BaseSettings):
@@ -23,3 +26,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 << 20, gt=0)
     #: Most tasks in one batch submit (one transaction).
     max_batch_size: int = Field(default=10_000, gt=0)
+    #: The deployment's task modules (``TASKRAY_TASK_MODULES``: module names, comma
+    #: separated): only their ``@taskray.task`` functions are accepted as task types. The
+    #: executors read the same variable, so set it for both.
+    task_modules: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("task_modules", mode="before")
+    @classmethod
+    def _module_names(cls, value: object) -> object:
+        return parse_modules(value) if isinstance(value, str) else value

@@ -65,7 +65,8 @@ def api_server(url: str) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    env = {**os.environ, "TASKRAY_DATABASE_URL": url}
+    # The API accepts only registered task types: the benches' handlers module.
+    env = {**os.environ, "TASKRAY_DATABASE_URL": url, "TASKRAY_TASK_MODULES": "bench.handlers"}
     # The listening socket is handed over (--fd), so no other process can take the port.
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.app:app", "--fd", str(sock.fileno()),
@@ -106,7 +107,9 @@ def single_submits(base: str, secret: str, clients: int, seconds: float, limit: 
                     if done >= limit:
                         return
                     done += 1
-                response = client.post("/v1/tasks", json={"type": "bench.noop", "payload": 1})
+                response = client.post(
+                    "/v1/tasks", json={"type": "bench.handlers:noop", "payload": 1}
+                )
                 response.raise_for_status()
 
     started = time.monotonic()
@@ -119,7 +122,7 @@ def single_submits(base: str, secret: str, clients: int, seconds: float, limit: 
 
 
 def batch_submits(base: str, secret: str, size: int, seconds: float, limit: int) -> float:
-    body = {"tasks": [{"type": "bench.noop", "payload": i} for i in range(size)]}
+    body = {"tasks": [{"type": "bench.handlers:noop", "payload": i} for i in range(size)]}
     headers = {"Authorization": f"Bearer {secret}"}
     sent = 0
     with httpx.Client(base_url=base, headers=headers, timeout=120) as client:

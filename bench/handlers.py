@@ -3,7 +3,8 @@ and on Celery workers (registered by ``bench.celery_app``).
 
 The benchmarks put the repository root on the workers' ``PYTHONPATH`` through the
 job's ``runtime_env``, so ``bench.handlers:noop`` resolves as a taskray task type.
-Plain functions: each system wraps them its own way (``@ray.remote``, ``taskray.task``,
+Plain functions (``@handler`` only marks them as taskray task types, for the deployment's
+task modules): each system wraps them its own way (``@ray.remote``, ``taskray.task``,
 ``app.task``), so all run the same code.
 """
 
@@ -13,27 +14,34 @@ import os
 import time
 from pathlib import Path
 
+from taskray.registry import handler
 
+
+@handler
 def noop(item: object = None) -> None:
     """Does nothing; takes one optional argument so that ``f.map(range(n))`` can call it."""
     return None
 
 
+@handler
 def started_at(item: object = None) -> float:
     """Returns this host's clock when the task started (pickup latency)."""
     return time.time()
 
 
+@handler
 def sleep_ms(ms: float = 10.0) -> None:
     """Sleeps ``ms`` milliseconds (short tasks: how busy the CPUs are kept)."""
     time.sleep(ms / 1000.0)
 
 
+@handler
 def worker_pid(item: object = None) -> int:
     """The pid of the process that runs the task (to profile one worker)."""
     return os.getpid()
 
 
+@handler
 def taskray_file(item: object = None) -> str:
     """Where the worker imported taskray from (the bench checks it runs the code it means)."""
     import taskray
@@ -41,6 +49,7 @@ def taskray_file(item: object = None) -> str:
     return str(taskray.__file__)
 
 
+@handler
 def timed_sleep(seconds: float) -> dict[str, float | int]:
     """Sleeps ``seconds`` and says when it ran (this host's clock) and in which process."""
     start = time.time()
@@ -66,6 +75,7 @@ def barrier(
     return os.getpid()
 
 
+@handler
 def timed_sleep_on_node(seconds: float) -> dict[str, float | int | str]:
     """``timed_sleep`` for a plain Ray task: also says which node it ran on."""
     import ray
@@ -75,6 +85,7 @@ def timed_sleep_on_node(seconds: float) -> dict[str, float | int | str]:
     return out
 
 
+@handler
 def traced_sleep(seconds: float) -> dict[str, float | int | str]:
     """``timed_sleep`` that also says on which Ray node it ran and when its worker process
     was created (``born``, this host's clock), so a bench can split a task's wait into

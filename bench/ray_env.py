@@ -13,3 +13,5 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="trb-ray-")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# The benches' task types (bench.handlers) are the deployment's: Ray workers inherit this.
+os.environ.setdefault("TASKRAY_TASK_MODULES", "bench.handlers")

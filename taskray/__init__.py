@@ -27,6 +27,7 @@ from taskray.errors import (
 )
 from taskray.executor import Commit, NonRetryableError
 from taskray.models import Resources, TaskState
+from taskray.registry import handler
 
 if TYPE_CHECKING:
     from taskray.sdk import (
@@ -87,6 +88,7 @@ __all__ = [
     # handlers
     "Commit",
     "NonRetryableError",
+    "handler",
     # values
     "Resources",
     "TaskState",

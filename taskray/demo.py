@@ -97,7 +97,7 @@ def run_demo(database_url: str | None = None, console: Console | None = None) ->
         tasks = rt.store.get_many(list(dict.fromkeys(h.id for h in handles)))
         console.print(_table(rt, tasks))
         final = next(t for t in tasks if t.type.endswith(":report"))
-        console.print(f"report: [bold]{serialization.from_json(final.result)}[/]")
+        console.print(f"report: [bold]{serialization.decode(final.result, final.encoding)}[/]")
         dead = [t for t in tasks if t.status is TaskState.DEAD]
         console.print(
             f"done in {time.monotonic() - started:.1f}s. {len(dead)} task(s) in the "

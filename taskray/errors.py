@@ -44,6 +44,11 @@ class CycleError(InvalidTaskError):
         super().__init__("dependency cycle: " + " -> ".join(self.cycle), cycle=self.cycle)
 
 
+class UnregisteredTaskTypeError(InvalidTaskError):
+    """The task type is not registered: only functions marked with @taskray.task in the
+    deployment's task modules (TASKRAY_TASK_MODULES) run by name."""
+
+
 class UnknownTaskError(TaskrayError, LookupError):
     """No such task."""
 

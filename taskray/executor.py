@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import importlib
 import logging
 import os
 import socket
@@ -31,9 +30,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cloudpickle
 import ray
 
-from taskray import serialization
-from taskray.errors import LeaseLostError, StoreUnavailableError, TaskrayError
-from taskray.models import Failure, Success, Task, TaskState
+from taskray import registry, serialization
+from taskray.errors import (
+    LeaseLostError,
+    StoreUnavailableError,
+    TaskrayError,
+    UnknownTaskError,
+    UnregisteredTaskTypeError,
+)
+from taskray.models import Encoding, Failure, Success, Task, TaskState
 from taskray.node import NodeStore, with_retries
 
 if TYPE_CHECKING:
@@ -53,7 +58,7 @@ class NonRetryableError(Exception):
 
 
 class UnknownTaskTypeError(TaskrayError, NonRetryableError):
-    """The task type names no registered or importable function."""
+    """The task type names no registered function."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,36 +81,35 @@ def register(name: str, function: Callable[..., Any]) -> None:
 
 
 def resolve(task_type: str, store: NodeStore | None = None) -> Callable[..., Any]:
-    """The handler for ``task_type``: a registered function, a function shipped by value
-    (loaded from ``store`` once per process), or ``module:attribute``."""
+    """The handler for ``task_type``, if it is registered (DESIGN, Trust): a function of the
+    deployment's task modules (:mod:`taskray.registry`), or one a trusted Python client
+    registered in the store's functions table: shipped by value (``pickled:``), or an
+    ``@taskray.task`` function it submitted by ``module:function``. Anything else, a row
+    written straight into the database included, raises ``UnknownTaskTypeError``: the task
+    is dead-lettered with the reason, and nothing it names is imported."""
     with _registry_lock:
         found = _registry.get(task_type)
     if found is not None:
         return found
-    digest = serialization.digest_of_type(task_type)
-    if digest is not None:
-        if store is None:
-            raise UnknownTaskTypeError(f"task type {task_type!r} needs the store to load")
-        try:
-            function = cloudpickle.loads(store.get_function(digest))
-        except TaskrayError:
-            raise UnknownTaskTypeError(f"no stored function for task type {task_type!r}") from None
-        register(task_type, function)
-        return function  # type: ignore[no-any-return]
-    module_name, sep, attribute = task_type.partition(":")
-    if not sep or not module_name or not attribute:
-        raise UnknownTaskTypeError(
-            f"unknown task type {task_type!r}: register it, or name it as 'module:function'"
-        )
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise UnknownTaskTypeError(f"cannot load task type {task_type!r}: {exc}") from None
-    if not callable(target):
-        raise UnknownTaskTypeError(f"task type {task_type!r} is not callable")
-    return target  # type: ignore[no-any-return]
+        return registry.deployment().resolve(task_type)
+    except UnregisteredTaskTypeError as exc:
+        refusal = exc.message
+    digest = serialization.digest_of_type(task_type)
+    if digest is None and ":" in task_type:
+        digest = serialization.registration_digest(task_type)
+    if digest is None or store is None:
+        raise UnknownTaskTypeError(refusal)
+    try:
+        blob = store.get_function(digest)
+    except UnknownTaskError:
+        if serialization.digest_of_type(task_type) is not None:
+            refusal = f"no stored function for task type {task_type!r}"
+        raise UnknownTaskTypeError(refusal) from None
+    # Written only by clients that hold the database (the API never writes this table).
+    function = cloudpickle.loads(blob)
+    register(task_type, function)
+    return function  # type: ignore[no-any-return]
 
 
 class UpstreamNotReadyError(TaskrayError, NonRetryableError):
@@ -127,7 +131,7 @@ def upstream_results(store: NodeStore, task: Task) -> Callable[[uuid.UUID], Any]
         upstream = store.get(task_id)
         if upstream.status is not TaskState.SUCCEEDED:
             raise UpstreamNotReadyError(f"upstream task {task_id} is {upstream.status.value}")
-        return serialization.from_json(upstream.result)
+        return serialization.decode(upstream.result, upstream.encoding)
 
     return result_of
 
@@ -279,13 +283,16 @@ def _call(store: NodeStore, task: Task, lease_id: uuid.UUID) -> _Outcome:
     began = time.perf_counter()
     try:
         handler = resolve(task.type, store)
-        args, kwargs = serialization.decode_call(task.payload, upstream_results(store, task))
+        args, kwargs = serialization.decode_call(
+            task.payload, task.encoding, upstream_results(store, task)
+        )
         returned = handler(*args, **kwargs)
         write = returned.write if isinstance(returned, Commit) else None
         result = returned.result if isinstance(returned, Commit) else returned
         # A Python caller gets its result back as the very object (pickled); a task
-        # submitted as JSON keeps a JSON result that any client can read.
-        if serialization.is_pickled(task.payload):
+        # submitted as JSON keeps a JSON result that any client can read. The task's
+        # encoding covers its result too: the commit needs no column of its own.
+        if task.encoding is Encoding.PICKLE:
             result = serialization.to_json(result)
         store.check_result(result)
     except Exception as exc:

@@ -88,6 +88,17 @@ TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
 }
 
 
+class Encoding(enum.StrEnum):
+    """How a task's payload and its result are stored in their JSON columns. Recorded at
+    submit, never guessed from a value's shape: a JSON value is never unpickled, whatever
+    keys it holds."""
+
+    JSON = "json"  #: plain JSON, from any client
+    #: cloudpickle, base64 in a one-key JSON object: from a trusted Python client (one that
+    #: holds the database); the executor pickles such a task's result too.
+    PICKLE = "pickle"
+
+
 class AttemptOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  #: the handler raised
@@ -239,6 +250,8 @@ class TaskSpec:
     key: str | None = None
     #: Optional id chosen by the client (e.g. so a retried request names the same task).
     id: uuid.UUID | None = None
+    #: How ``payload`` is encoded (and the result will be).
+    encoding: Encoding = Encoding.JSON
 
     def validate(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> int:
         """Check every field; returns the payload's encoded size in bytes."""
@@ -247,6 +260,8 @@ class TaskSpec:
                 "task type must be 1-200 characters of letters, digits and _.:-/, "
                 f"got {self.type!r}"
             )
+        if not isinstance(self.encoding, Encoding):
+            raise InvalidTaskError(f"encoding must be an Encoding, got {self.encoding!r}")
         for name, value in (("queue", self.queue), ("tenant", self.tenant)):
             if not isinstance(value, str) or not _NAME_RE.match(value):
                 raise InvalidTaskError(f"invalid {name} {value!r}")
@@ -337,6 +352,8 @@ class Task:
     last_error: str | None
     labels: Mapping[str, str]
     metadata: Mapping[str, Any]
+    #: How ``payload`` and ``result`` are encoded.
+    encoding: Encoding = Encoding.JSON
 
     @property
     def max_retries(self) -> int:

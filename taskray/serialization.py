@@ -1,10 +1,14 @@
 """How Python calls and results travel through the store's JSON columns.
 
 Tasks submitted by name from the REST API or the CLI carry plain JSON. Tasks
-submitted from Python carry their arguments pickled (cloudpickle, so lambdas,
-numpy arrays and notebook classes survive), base64-encoded under one key; an
-upstream task's handle among the arguments becomes an ``UpstreamResult``
-marker that the executor swaps for that task's result before the call.
+submitted from Python with a database connection carry their arguments pickled
+(cloudpickle, so lambdas, numpy arrays and notebook classes survive), base64-encoded
+under one key; an upstream task's handle among the arguments becomes an
+``UpstreamResult`` marker that the executor swaps for that task's result before the call.
+
+Which of the two a task holds is recorded in its ``encoding`` (``models.Encoding``) and
+read from there, never from a value's shape: a JSON value that looks like a pickle stays
+the JSON value it is.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, TypeVar
 import cloudpickle
 
 from taskray.errors import InvalidTaskError
+from taskray.models import Encoding
 
 T = TypeVar("T")
 
@@ -53,11 +58,14 @@ def is_pickled(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {PICKLE_KEY}
 
 
-def from_json(value: Any) -> Any:
-    """A pickled value back as itself; anything else (plain JSON) as it is."""
-    if is_pickled(value):
-        return cloudpickle.loads(base64.b64decode(value[PICKLE_KEY]))
-    return value
+def decode(value: Any, encoding: Encoding) -> Any:
+    """A stored payload or result as the value it encodes: unpickled only when its task
+    records the pickle encoding (a trusted Python client's); JSON is returned as it is."""
+    if encoding is not Encoding.PICKLE:
+        return value
+    if not is_pickled(value):
+        raise InvalidTaskError("a pickle-encoded value is not a pickle document")
+    return cloudpickle.loads(base64.b64decode(value[PICKLE_KEY]))
 
 
 def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
@@ -65,15 +73,15 @@ def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]
 
 
 def decode_call(
-    payload: Any, upstream: Callable[[uuid.UUID], Any]
+    payload: Any, encoding: Encoding, upstream: Callable[[uuid.UUID], Any]
 ) -> tuple[list[Any], dict[str, Any]]:
     """The arguments of a call, upstream markers replaced through ``upstream(task_id)``.
 
     A plain-JSON payload follows the by-name convention: ``{"args": [...], "kwargs": {...}}``
     is spread into the call, anything else is the single argument (``None``: no argument).
     """
-    if is_pickled(payload):
-        args, kwargs = from_json(payload)
+    if encoding is Encoding.PICKLE:
+        args, kwargs = decode(payload, encoding)
         return substitute(args, upstream), substitute(kwargs, upstream)
     if isinstance(payload, dict) and payload and set(payload) <= {"args", "kwargs"}:
         args = _substitute_json(list(payload.get("args") or []), upstream)
@@ -136,6 +144,12 @@ def pickled_type(qualname: str, digest: str) -> str:
     """The task type of a function shipped by value: readable, and unique per content."""
     safe = "".join(c if c.isalnum() or c in "_." else "_" for c in qualname)[:120]
     return f"{PICKLED_TYPE_PREFIX}{safe}/{digest}"
+
+
+def registration_digest(task_type: str) -> str:
+    """The functions-table key under which a trusted Python client registers the
+    ``module:function`` type of an ``@taskray.task`` function it submits."""
+    return hashlib.sha256(b"taskray-type:" + task_type.encode()).hexdigest()
 
 
 def digest_of_type(task_type: str) -> str | None:

@@ -23,6 +23,10 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="taskray-ray-"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The test deployment's task modules: only their marked functions run by name. Set before
+# any Ray starts, so that every Ray worker (each inherits this environment) and every API
+# server of the session reads the same list.
+os.environ["TASKRAY_TASK_MODULES"] = "tests.handlers,tests.sdk_functions,tests.faults.handlers"
 
 import pytest
 import sqlalchemy as sa

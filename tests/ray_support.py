@@ -35,15 +35,28 @@ RUNTIME_ENV = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
 
 
 @contextmanager
-def local_ray(num_cpus: int = 4, num_gpus: int = 0) -> Iterator[None]:
+def local_ray(
+    num_cpus: int = 4, num_gpus: int = 0, dashboard_port: int | None = None
+) -> Iterator[None]:
+    """A local Ray; with ``dashboard_port``, its dashboard too (Ray's state API, which
+    ``ray.util.state`` reads, is served by the dashboard), on loopback."""
     _ray_environment()
+    dashboard: dict[str, Any] = (
+        {"include_dashboard": False}
+        if dashboard_port is None
+        else {
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+        }
+    )
     ray.init(
         address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        include_dashboard=False,
         runtime_env=RUNTIME_ENV,
         logging_level="WARNING",
+        **dashboard,
     )
     try:
         yield

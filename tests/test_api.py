@@ -22,6 +22,9 @@ from taskray.store import Store
 from tests.test_cli import taskray
 
 PROBLEM = "application/problem+json"
+#: Task types the test deployment registers (conftest.py names tests.handlers).
+NOOP = "tests.handlers:noop"
+ADD = "tests.handlers:add"
 
 
 @dataclass
@@ -95,7 +98,7 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
 
 
 def submit(client: httpx.Client, **fields: object) -> dict[str, object]:
-    response = client.post("/v1/tasks", json={"type": "tests:noop", **fields})
+    response = client.post("/v1/tasks", json={"type": NOOP, **fields})
     assert response.status_code == 201, response.text
     return dict(response.json())
 
@@ -157,7 +160,7 @@ def test_revoked_key_is_refused(server: Server) -> None:
 
 def test_scopes_are_enforced_with_403(server: Server, admin: httpx.Client) -> None:
     with server.client(server.reader) as reader:
-        assert_problem(reader.post("/v1/tasks", json={"type": "x"}), 403)
+        assert_problem(reader.post("/v1/tasks", json={"type": NOOP}), 403)
         assert reader.get("/v1/tasks").status_code == 200
     with server.client(server.submitter) as submitter:
         created = submit(submitter)
@@ -181,7 +184,7 @@ def test_auth_can_be_switched_off_explicitly(database_url: str) -> None:
     assert Settings(database_url=database_url).auth_enabled is True
     for url in serve(Settings(database_url=database_url, auth_enabled=False)):
         with httpx.Client(base_url=url) as client:
-            created = client.post("/v1/tasks", json={"type": "t"})
+            created = client.post("/v1/tasks", json={"type": NOOP})
             assert created.status_code == 201
             assert client.get(f"/v1/tasks/{created.json()['id']}").status_code == 200
 
@@ -217,18 +220,18 @@ def test_submit_then_get_with_attempts(server: Server, admin: httpx.Client) -> N
 
 def test_idempotency_key_201_then_200(server: Server, admin: httpx.Client) -> None:
     headers = {"Idempotency-Key": "order-7"}
-    first = admin.post("/v1/tasks", json={"type": "t", "payload": 1}, headers=headers)
+    first = admin.post("/v1/tasks", json={"type": NOOP, "payload": 1}, headers=headers)
     assert first.status_code == 201 and first.json()["deduplicated"] is False
-    again = admin.post("/v1/tasks", json={"type": "t", "payload": 2}, headers=headers)
+    again = admin.post("/v1/tasks", json={"type": NOOP, "payload": 2}, headers=headers)
     assert again.status_code == 200 and again.json()["deduplicated"] is True
     assert again.json()["id"] == first.json()["id"] and again.json()["payload"] == 1
-    by_field = admin.post("/v1/tasks", json={"type": "t", "idempotency_key": "order-7"})
+    by_field = admin.post("/v1/tasks", json={"type": NOOP, "idempotency_key": "order-7"})
     assert by_field.status_code == 200 and by_field.json()["id"] == first.json()["id"]
     # Keys are per tenant: the same key elsewhere is a new task.
     with server.client(server.other) as other:
-        assert other.post("/v1/tasks", json={"type": "t"}, headers=headers).status_code == 201
+        assert other.post("/v1/tasks", json={"type": NOOP}, headers=headers).status_code == 201
     mismatch = admin.post(
-        "/v1/tasks", json={"type": "t", "idempotency_key": "a"}, headers={"Idempotency-Key": "b"}
+        "/v1/tasks", json={"type": NOOP, "idempotency_key": "a"}, headers={"Idempotency-Key": "b"}
     )
     assert_problem(mismatch, 400)
 
@@ -238,9 +241,9 @@ def test_dag_batch_by_client_keys(server: Server, admin: httpx.Client) -> None:
         "/v1/tasks/batch",
         json={
             "tasks": [
-                {"key": "load", "type": "etl.load", "depends_on": ["a", "b"]},
-                {"key": "a", "type": "etl.extract"},
-                {"key": "b", "type": "etl.extract", "depends_on": ["a"]},
+                {"key": "load", "type": ADD, "depends_on": ["a", "b"]},
+                {"key": "a", "type": NOOP},
+                {"key": "b", "type": NOOP, "depends_on": ["a"]},
             ]
         },
     )
@@ -248,7 +251,7 @@ def test_dag_batch_by_client_keys(server: Server, admin: httpx.Client) -> None:
     body = response.json()
     assert body["created"] == 3 and body["deduplicated"] == 0
     statuses = {t["type"] + str(t["pending_upstreams"]): t["status"] for t in body["tasks"]}
-    assert statuses == {"etl.load2": "blocked", "etl.extract0": "queued", "etl.extract1": "blocked"}
+    assert statuses == {ADD + "2": "blocked", NOOP + "0": "queued", NOOP + "1": "blocked"}
     keys = body["keys"]
     assert server.store.upstreams(keys["load"]) == sorted(uuid.UUID(keys[k]) for k in ("a", "b"))
 
@@ -258,9 +261,9 @@ def test_cycle_is_422_naming_it_and_writes_nothing(server: Server, admin: httpx.
         "/v1/tasks/batch",
         json={
             "tasks": [
-                {"key": "a", "type": "t", "depends_on": ["c"]},
-                {"key": "b", "type": "t", "depends_on": ["a"]},
-                {"key": "c", "type": "t", "depends_on": ["b"]},
+                {"key": "a", "type": NOOP, "depends_on": ["c"]},
+                {"key": "b", "type": NOOP, "depends_on": ["a"]},
+                {"key": "c", "type": NOOP, "depends_on": ["b"]},
             ]
         },
     )
@@ -275,18 +278,19 @@ def test_cycle_is_422_naming_it_and_writes_nothing(server: Server, admin: httpx.
     ("fields", "status"),
     [
         ({"type": "bad type!"}, 422),
-        ({"type": "t", "resources": {"num_cpus": -1}}, 422),
-        ({"type": "t", "resources": {"custom": {"GPU": 1}}}, 422),
-        ({"type": "t", "resources": {"num_gpus": 1.5}}, 422),
-        ({"type": "t", "timeout_s": -5}, 422),
-        ({"type": "t", "priority": 5000}, 422),
-        ({"type": "t", "unknown_field": 1}, 422),
-        ({"type": "t", "depends_on": [str(uuid.uuid4())]}, 422),
-        ({"type": "t", "key": "only-in-batches"}, 400),
-        ({"type": "t", "scheduled_at": "0001-01-01T00:00:00+05:00"}, 422),
-        # Workers unpickle pickled payloads: never accepted from HTTP clients.
-        ({"type": "t", "payload": {"__taskray_pickle__": "gASVAAAAAAAAAAA="}}, 422),
+        ({"type": NOOP, "resources": {"num_cpus": -1}}, 422),
+        ({"type": NOOP, "resources": {"custom": {"GPU": 1}}}, 422),
+        ({"type": NOOP, "resources": {"num_gpus": 1.5}}, 422),
+        ({"type": NOOP, "timeout_s": -5}, 422),
+        ({"type": NOOP, "priority": 5000}, 422),
+        ({"type": NOOP, "unknown_field": 1}, 422),
+        ({"type": NOOP, "depends_on": [str(uuid.uuid4())]}, 422),
+        ({"type": NOOP, "key": "only-in-batches"}, 400),
+        ({"type": NOOP, "scheduled_at": "0001-01-01T00:00:00+05:00"}, 422),
+        # Types shipped by value, and types the deployment did not register, name code.
         ({"type": "pickled:f/" + "0" * 64}, 422),
+        ({"type": "os:system", "payload": {"args": ["true"]}}, 422),
+        ({"type": "tests.handlers:_count_call"}, 422),
     ],
 )
 def test_bad_input_is_a_4xx_problem_and_writes_nothing(
@@ -299,7 +303,7 @@ def test_bad_input_is_a_4xx_problem_and_writes_nothing(
 def test_a_value_the_database_cannot_hold_is_422(
     server: Server, admin: httpx.Client, backend: str
 ) -> None:
-    response = admin.post("/v1/tasks", json={"type": "t", "payload": "x\u0000y"})
+    response = admin.post("/v1/tasks", json={"type": NOOP, "payload": "x\u0000y"})
     if backend == "sqlite":
         # SQLite keeps NUL characters; PostgreSQL's text and JSON cannot.
         assert response.status_code == 201
@@ -317,7 +321,7 @@ def test_malformed_json_is_a_problem(admin: httpx.Client) -> None:
 
 def test_oversized_payload_is_413(server: Server, admin: httpx.Client) -> None:
     big = "x" * (65 * 1024)
-    body = assert_problem(admin.post("/v1/tasks", json={"type": "t", "payload": big}), 413)
+    body = assert_problem(admin.post("/v1/tasks", json={"type": NOOP, "payload": big}), 413)
     assert "limit" in str(body["detail"])
     assert server.store.count_by_status() == {}
 
@@ -326,11 +330,11 @@ def test_oversized_body_is_413_before_parsing(database_url: str) -> None:
     settings = Settings(database_url=database_url, auth_enabled=False, max_body_bytes=1000)
     for url in serve(settings):
         with httpx.Client(base_url=url) as client:
-            body = {"type": "t", "payload": "x" * 2000}
+            body = {"type": NOOP, "payload": "x" * 2000}
             assert_problem(client.post("/v1/tasks", json=body), 413)
 
             def chunks() -> Iterator[bytes]:
-                yield b'{"type": "t", "payload": "'
+                yield b'{"type": "tests.handlers:noop", "payload": "'
                 yield b"x" * 2000
                 yield b'"}'
 
@@ -342,7 +346,8 @@ def test_oversized_body_is_413_before_parsing(database_url: str) -> None:
 
 def test_list_filters_and_cursor_pages(server: Server, admin: httpx.Client) -> None:
     batch = [
-        {"type": "a" if i % 2 else "b", "queue": "q", "labels": {"n": str(i % 3)}} for i in range(7)
+        {"type": ADD if i % 2 else NOOP, "queue": "q", "labels": {"n": str(i % 3)}}
+        for i in range(7)
     ]
     assert admin.post("/v1/tasks/batch", json={"tasks": batch}).status_code == 201
     submit(admin, queue="other")
@@ -358,9 +363,9 @@ def test_list_filters_and_cursor_pages(server: Server, admin: httpx.Client) -> N
         if cursor is None:
             break
     assert len(seen) == 7 == len(set(seen))
-    assert len(admin.get("/v1/tasks", params={"type": "a"}).json()["tasks"]) == 3
+    assert len(admin.get("/v1/tasks", params={"type": ADD}).json()["tasks"]) == 3
     assert len(admin.get("/v1/tasks", params={"label": "n=0"}).json()["tasks"]) == 3
-    both = admin.get("/v1/tasks", params={"label": "n=0", "type": "b"}).json()["tasks"]
+    both = admin.get("/v1/tasks", params={"label": "n=0", "type": NOOP}).json()["tasks"]
     assert len(both) == 2
     assert len(admin.get("/v1/tasks", params={"status": "queued"}).json()["tasks"]) == 8
     assert admin.get("/v1/tasks", params={"status": "dead"}).json()["tasks"] == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from taskray.models import TaskState
-from taskray.serialization import from_json
+from taskray.serialization import decode
 from taskray.store import Store
 
 
@@ -60,7 +60,7 @@ def test_demo_runs_the_pipeline_to_the_end(sqlite_url: str) -> None:
         tasks = store.list_tasks()
         assert counts == {TaskState.SUCCEEDED: 8, TaskState.DEAD: 1}
         by_function = {t.type.rsplit(":", 1)[-1]: t for t in tasks}
-        report = from_json(by_function["report"].result)
+        report = decode(by_function["report"].result, by_function["report"].encoding)
         assert report.startswith("max=100.0, mean=49.957") and report.endswith("on GPU 0")
         assert len(store.attempts(by_function["fetch_prices"].id)) == 2
         assert by_function["parse_record"].status is TaskState.DEAD

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from taskray.errors import MigrationError, StoreUnavailableError
 from taskray.store import Store, create_engine, migrate
 from taskray.store.engine import check_schema, current_revision, head_revision, redacted
-from taskray.store.tables import metadata
+from taskray.store.tables import metadata, tasks
 
 
 @pytest.fixture
@@ -76,3 +78,60 @@ def test_schema_revision_constant_is_the_migrations_head() -> None:
     from taskray.store.engine import SCHEMA_REVISION
 
     assert head_revision() == SCHEMA_REVISION
+
+
+def test_encoding_is_backfilled_from_what_only_the_python_client_wrote(
+    empty_database_url: str,
+) -> None:
+    # Before revision 0004 only a Python client holding the database wrote a pickle (a
+    # one-key object) as a whole payload; the API refused one. Everything else is JSON,
+    # pickle-shaped values nested inside it included.
+    engine = create_engine(empty_database_url)
+    payloads = {
+        "pickled": {"__taskray_pickle__": "gASVAAAAAAAAAAA="},
+        "nested": {"kwargs": {"v": {"__taskray_pickle__": "gASVAAAAAAAAAAA="}}},
+        "two keys": {"__taskray_pickle__": "gASV", "other": 1},
+        "not a string": {"__taskray_pickle__": 1},
+        "plain": [1, 2],
+        "none": None,
+    }
+    try:
+        migrate(engine, "0003")
+        with engine.begin() as connection:
+            # The table as revision 0003 left it: today's columns but the new one.
+            before = sa.Table(
+                "tasks",
+                sa.MetaData(),
+                *(sa.Column(c.name, c.type) for c in tasks.columns if c.name != "encoding"),
+            )
+            now = datetime.now(UTC)
+            for name, payload in payloads.items():
+                connection.execute(
+                    sa.insert(before).values(
+                        id=uuid.uuid4(),
+                        tenant="t",
+                        queue="q",
+                        type=name,
+                        payload=payload,
+                        status="queued",
+                        priority=0,
+                        attempt=0,
+                        max_retries=3,
+                        replayed_attempts=0,
+                        backoff_base_s=1.0,
+                        backoff_cap_s=300.0,
+                        backoff_jitter=0.5,
+                        num_cpus=1.0,
+                        num_gpus=0.0,
+                        memory_bytes=0,
+                        pending_upstreams=0,
+                        created_at=now,
+                        scheduled_at=now,
+                    )
+                )
+        migrate(engine)
+        with engine.connect() as connection:
+            encodings = dict(connection.execute(sa.select(tasks.c.type, tasks.c.encoding)).all())
+    finally:
+        engine.dispose()
+    assert encodings == {name: "pickle" if name == "pickled" else "json" for name in payloads}

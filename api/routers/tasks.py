@@ -15,7 +15,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from pydantic import AwareDatetime
 
-from api.deps import Reader, SettingsDep, StoreDep, Submitter
+from api.deps import Reader, RegistryDep, SettingsDep, StoreDep, Submitter
 from api.problems import responses
 from api.schemas import (
     AttemptPublic,
@@ -29,8 +29,14 @@ from api.schemas import (
     TaskSubmitted,
     TaskWait,
 )
-from taskray.errors import InvalidArgumentError, InvalidTaskError, UnknownTaskError
+from taskray.errors import (
+    InvalidArgumentError,
+    InvalidTaskError,
+    UnknownTaskError,
+    UnregisteredTaskTypeError,
+)
 from taskray.models import SubmitResult, TaskSpec, TaskState
+from taskray.registry import TaskRegistry
 from taskray.sdk.handles import wait_terminal
 from taskray.store import Store
 
@@ -45,6 +51,17 @@ def _submit(store: Store, specs: list[TaskSpec]) -> list[SubmitResult]:
         raise InvalidTaskError(
             "unknown dependency: " + ", ".join(exc.task_ids), task_ids=exc.task_ids
         ) from None
+
+
+def _check_registered(registry: TaskRegistry, tasks: list[TaskCreate]) -> None:
+    """Refuse the request, before anything is written, if any task's type is not one the
+    deployment registered: a task type names code the workers would run."""
+    for index, task in enumerate(tasks):
+        try:
+            registry.resolve(task.type)
+        except UnregisteredTaskTypeError as exc:
+            where = f"tasks[{index}]: " if len(tasks) > 1 else ""
+            raise UnregisteredTaskTypeError(where + exc.message) from None
 
 
 def _submitted(result: SubmitResult) -> TaskSubmitted:
@@ -65,6 +82,7 @@ def submit_task(
     body: TaskCreate,
     principal: Submitter,
     store: StoreDep,
+    registry: RegistryDep,
     response: Response,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
@@ -74,6 +92,7 @@ def submit_task(
         raise InvalidArgumentError("the Idempotency-Key header and field disagree")
     if body.key is not None:
         raise InvalidArgumentError("key names a task within a batch; submit a batch to use it")
+    _check_registered(registry, [body])
     result = _submit(store, [body.to_spec(principal.tenant, idempotency_key)])[0]
     if result.deduplicated:
         response.status_code = status.HTTP_200_OK
@@ -94,6 +113,7 @@ def submit_batch(
     body: TaskBatchCreate,
     principal: Submitter,
     store: StoreDep,
+    registry: RegistryDep,
     settings: SettingsDep,
     response: Response,
 ) -> BatchSubmitted:
@@ -101,6 +121,7 @@ def submit_batch(
         raise InvalidArgumentError(
             f"a batch holds at most {settings.max_batch_size} tasks, got {len(body.tasks)}"
         )
+    _check_registered(registry, body.tasks)
     results = _submit(store, [t.to_spec(principal.tenant) for t in body.tasks])
     created = sum(1 for r in results if not r.deduplicated)
     if created == 0:

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from sqlalchemy.engine import make_url
 
 from taskray import executor
 from taskray.models import ReadyTask
@@ -49,11 +50,19 @@ _agents: dict[tuple[str, str], Any] = {}
 NAMESPACE = "taskray"
 
 
+def _database_key(database_url: str) -> str:
+    """Which database, for actor names: a digest of the URL without its password (Ray
+    shows actor names to anyone who can read its state, and a digest of a password can
+    be checked against guesses)."""
+    where = make_url(database_url).set(password=None).render_as_string(hide_password=False)
+    return hashlib.sha256(where.encode()).hexdigest()[:12]
+
+
 def agent_for(node_id: str, database_url: str) -> Any:
     """The node's agent (``taskray.node``), started on first use: executors on the node
     reach the store through it, so connections grow with nodes, not worker processes."""
     # One agent per node per database: two taskray deployments may share a Ray cluster.
-    database = hashlib.sha256(database_url.encode()).hexdigest()[:12]
+    database = _database_key(database_url)
     agent = _agents.get((node_id, database))
     if agent is None:
         agent = _agents[(node_id, database)] = NodeAgent.options(
@@ -101,7 +110,7 @@ def settled(refs: Sequence[Any], timeout_s: float) -> bool:
 
 def stop_agents(database_url: str) -> None:
     """Stop the agents this process started for the database (the scheduler is stopping)."""
-    database = hashlib.sha256(database_url.encode()).hexdigest()[:12]
+    database = _database_key(database_url)
     for key in [key for key in _agents if key[1] == database]:
         agent = _agents.pop(key)
         try:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from taskray import serialization
 from taskray.errors import InvalidResourcesError, InvalidTaskError
 from taskray.executor import RETRY_ON_METADATA_KEY
-from taskray.models import DEFAULT_QUEUE, Resources, RetryPolicy, TaskSpec
+from taskray.models import DEFAULT_QUEUE, Encoding, Resources, RetryPolicy, TaskSpec
 from taskray.scheduler.cluster import WORKER_METADATA_KEY
 from taskray.sdk import runtime
 from taskray.sdk.handles import HandleList, TaskHandle
@@ -135,9 +135,11 @@ def build_spec(
     if rt.remote:
         # The API never accepts pickles (workers would unpickle them): JSON only.
         payload: Any = serialization.encode_json_call(call_args, call_kwargs)
+        encoding = Encoding.JSON
     else:
         _check_fits_somewhere(resources)
         payload = serialization.encode_call(call_args, call_kwargs)
+        encoding = Encoding.PICKLE
     return TaskSpec(
         type=task_type,
         payload=payload,
@@ -152,6 +154,7 @@ def build_spec(
         idempotency_key=key,
         labels=dict(options.labels or {}),
         metadata=metadata,
+        encoding=encoding,
     )
 
 
@@ -179,6 +182,10 @@ class TaskFunction(Generic[P, R]):
     Calling ``f(...)`` directly still runs it here, synchronously, like the plain function.
     """
 
+    #: Marks a task (:mod:`taskray.registry`): one defined in a deployment's task module
+    #: runs by name, from the REST API too.
+    __taskray_task__ = True
+
     def __init__(self, function: Callable[P, R], options: TaskOptions) -> None:
         self.function = function
         self._options = options
@@ -195,11 +202,25 @@ class TaskFunction(Generic[P, R]):
     def task_type(self) -> str:
         """``module:function`` when workers can import it; otherwise the function ships by
         value (cloudpickle), stored once per content, so re-running a notebook cell that
-        defines it does not pile up copies."""
+        defines it does not pile up copies.
+
+        Either way a client holding the database registers the function in the store, so
+        its tasks run whether or not the deployment lists its module: this client is
+        trusted (it could ship any code by value). An importable function is pickled by
+        reference there, a few bytes that name it. Over the REST API the deployment's
+        task modules alone decide."""
         if self._task_type is None:
             fn = self.function
             if _is_importable(fn):
-                self._task_type = f"{fn.__module__}:{fn.__qualname__}"
+                task_type = f"{fn.__module__}:{fn.__qualname__}"
+                current = runtime.current()
+                if not current.remote:
+                    current.store.put_function(
+                        serialization.registration_digest(task_type),
+                        task_type,
+                        serialization.dumps(fn),
+                    )
+                self._task_type = task_type
             else:
                 blob = serialization.dumps(fn)
                 digest = serialization.function_digest(blob)

@@ -12,8 +12,8 @@ from typing import Any, Protocol, overload
 from tqdm.auto import tqdm
 
 from taskray import serialization
-from taskray.errors import GetTimeoutError, TaskFailedError
-from taskray.models import Attempt, Task, TaskState
+from taskray.errors import GetTimeoutError, RemoteModeUnavailableError, TaskFailedError
+from taskray.models import Attempt, Encoding, Task, TaskState
 from taskray.sdk import runtime
 from taskray.sdk.remote import RemoteBackend
 from taskray.store import Store
@@ -388,8 +388,19 @@ def get(
         task = done[task_id]
         if task.status is not TaskState.SUCCEEDED:
             raise _failure(store, task)
-        results.append(serialization.from_json(task.result))
+        results.append(_result(store, task))
     return results[0] if single else results
+
+
+def _result(store: runtime.TaskBackend, task: Task) -> Any:
+    """A succeeded task's result, decoded as its task records (never by its shape)."""
+    if task.encoding is Encoding.PICKLE and isinstance(store, RemoteBackend):
+        # A client of the REST API unpickles nothing it receives.
+        raise RemoteModeUnavailableError(
+            f"task {task.id} returned a Python pickle (it was submitted with a database "
+            "connection); read it with taskray.init(database_url=...)"
+        )
+    return serialization.decode(task.result, task.encoding)
 
 
 def wait(

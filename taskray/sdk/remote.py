@@ -29,6 +29,7 @@ from taskray.errors import (
 from taskray.models import (
     Attempt,
     AttemptOutcome,
+    Encoding,
     Resources,
     RetryPolicy,
     SubmitResult,
@@ -86,6 +87,7 @@ def _task(data: dict[str, Any], tenant: str = "") -> Task:
         last_error=data["last_error"],
         labels=data["labels"],
         metadata=data["metadata"],
+        encoding=Encoding(data.get("encoding", Encoding.JSON)),
     )
 
 

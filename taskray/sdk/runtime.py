@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ import ray
 
 from taskray.errors import InvalidTaskError, NotInitializedError, RemoteModeUnavailableError
 from taskray.models import Attempt, SubmitResult, Task, TaskSpec
+from taskray.registry import TASK_MODULES_ENV
 from taskray.scheduler.actor import SCHEDULER_NAME, start_scheduler, stop_scheduler
 from taskray.scheduler.core import SchedulerConfig
 from taskray.sdk.remote import RemoteBackend
@@ -133,7 +135,9 @@ def init(
             if not ray.is_initialized():
                 if ray_address is not None:
                     ray.init(
-                        address=ray_address, runtime_env=runtime_env, logging_level=logging.WARNING
+                        address=ray_address,
+                        runtime_env=_with_task_modules(runtime_env),
+                        logging_level=logging.WARNING,
                     )
                 else:
                     ray.init(
@@ -170,6 +174,22 @@ def init(
         )
         log.info("taskray connected to %s", redacted(database_url))
         return _runtime
+
+
+def _with_task_modules(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``runtime_env`` carrying this process's ``TASKRAY_TASK_MODULES`` to every worker of
+    the cluster's Ray job it joins: the scheduler actor this client starts, and the
+    executors it dispatches, run with the same task modules as this client, whatever the
+    nodes' own environment says. A value set in ``runtime_env`` wins. (A local Ray started
+    here needs none of this: its workers inherit this process's environment.)"""
+    modules = os.environ.get(TASK_MODULES_ENV)
+    if not modules:
+        return runtime_env
+    merged = dict(runtime_env or {})
+    env_vars = dict(merged.get("env_vars") or {})
+    env_vars.setdefault(TASK_MODULES_ENV, modules)
+    merged["env_vars"] = env_vars
+    return merged
 
 
 def _init_remote(url: str | None, api_key: str | None) -> Runtime:

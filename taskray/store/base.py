@@ -32,6 +32,7 @@ from taskray.models import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Attempt,
     AttemptOutcome,
+    Encoding,
     Resources,
     RetryPolicy,
     Task,
@@ -114,6 +115,7 @@ def _task(row: RowMapping) -> Task:
         last_error=row["last_error"],
         labels=row["labels"] or {},
         metadata=row["metadata"] or {},
+        encoding=Encoding(row["encoding"]),
     )
 
 

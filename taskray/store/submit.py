@@ -197,6 +197,7 @@ class SubmitMixin(StoreBase):
                     last_error=f"upstream failed: {failed[0]}" if failed else None,
                     labels=dict(spec.labels),
                     metadata=dict(spec.metadata),
+                    encoding=spec.encoding,
                 )
                 results[index] = SubmitResult(task, False)
                 if spec.idempotency_key:
@@ -246,6 +247,7 @@ class SubmitMixin(StoreBase):
             "last_error": task.last_error,
             "labels": dict(task.labels) or None,
             "metadata": dict(task.metadata) or None,
+            "encoding": task.encoding.value,
         }
 
     _PG_RECORD = (
@@ -254,7 +256,7 @@ class SubmitMixin(StoreBase):
         "backoff_cap_s float8, backoff_jitter float8, timeout_ms int8, created_at timestamptz, "
         "scheduled_at timestamptz, completed_at timestamptz, num_cpus float8, num_gpus float8, "
         "memory_bytes int8, custom_resources jsonb, pending_upstreams int, idempotency_key text, "
-        "last_error text, labels jsonb, metadata jsonb"
+        "last_error text, labels jsonb, metadata jsonb, encoding text"
     )
 
     def _insert_tasks(

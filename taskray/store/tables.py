@@ -93,6 +93,7 @@ class TaskRow(SQLModel, table=True):
             name="ck_tasks_status",
         ),
         sa.CheckConstraint("pending_upstreams >= 0", name="ck_tasks_pending_upstreams"),
+        sa.CheckConstraint("encoding IN ('json', 'pickle')", name="ck_tasks_encoding"),
     )
 
     id: uuid.UUID = Field(primary_key=True)
@@ -134,6 +135,10 @@ class TaskRow(SQLModel, table=True):
     # "metadata" is reserved on declarative classes, so the attribute has another name.
     task_metadata: Any = Field(
         default=None, sa_column=sa.Column("metadata", JSONType, nullable=True)
+    )
+    #: How payload and result are encoded (models.Encoding): recorded, never guessed.
+    encoding: str = Field(
+        default="json", max_length=10, sa_column_kwargs={"server_default": "json"}
     )
 
 

@@ -10,6 +10,7 @@ import time
 import sqlalchemy as sa
 
 from taskray.executor import Commit
+from taskray.registry import handler
 from tests.handlers import _count_call
 
 #: The sink a handler writes to inside the transaction that commits its result.
@@ -21,6 +22,7 @@ def _wait_for_release(path: str) -> None:
         time.sleep(0.01)
 
 
+@handler
 def held(release: str, calls: str, tag: str) -> str:
     """Counts its run in ``calls``, then runs until ``release`` exists."""
     _count_call(calls)
@@ -32,6 +34,7 @@ def _insert(tag: str, connection: sa.Connection) -> None:
     connection.execute(sa.text("INSERT INTO sink (tag) VALUES (:tag)"), {"tag": tag})
 
 
+@handler
 def held_then_sink(release: str, calls: str, tag: str) -> Commit:
     """As ``held``, and writes a sink row with its result (exactly once, or not at all)."""
     _count_call(calls)
