@@ -54,7 +54,7 @@ def _database_key(database_url: str) -> str:
     """Which database, for actor names: a digest of the URL without its password (Ray
     shows actor names to anyone who can read its state, and a digest of a password can
     be checked against guesses)."""
-    where = make_url(database_url).set(password=None).render_as_string(hide_password=False)
+    where = make_url(database_url).render_as_string(hide_password=True)
     return hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
