@@ -77,6 +77,20 @@ class DatabaseClock:
 # -- rows to models ---------------------------------------------------------------------------
 
 
+def _matching(
+    query: sa.Select[Any], tenant: str | None, queue: str | None, task_type: str | None
+) -> sa.Select[Any]:
+    """``query`` narrowed to the tenant, queue and task type given (None: any)."""
+    for column, value in (
+        (tasks.c.tenant, tenant),
+        (tasks.c.queue, queue),
+        (tasks.c.type, task_type),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    return query
+
+
 def _task(row: RowMapping) -> Task:
     return Task(
         id=row["id"],

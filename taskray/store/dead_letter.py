@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from taskray.errors import InvalidStateError, UnknownTaskError
 from taskray.models import FAILED_STATES, Task, TaskState
-from taskray.store.base import StoreBase, _as_uuid, _task
+from taskray.store.base import StoreBase, _as_uuid, _matching, _task
 from taskray.store.tables import task_attempts, task_edges, tasks
 
 
@@ -26,13 +26,7 @@ class DeadLetterMixin(StoreBase):
         older_than: datetime | None,
     ) -> sa.Select[Any]:
         query = sa.select(tasks).where(tasks.c.status == TaskState.DEAD.value)
-        for column, value in (
-            (tasks.c.tenant, tenant),
-            (tasks.c.queue, queue),
-            (tasks.c.type, task_type),
-        ):
-            if value is not None:
-                query = query.where(column == value)
+        query = _matching(query, tenant, queue, task_type)
         if older_than is not None:
             query = query.where(tasks.c.completed_at < older_than)
         return query

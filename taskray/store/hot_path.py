@@ -33,12 +33,14 @@ from taskray.models import (
     Resources,
     StartedBatch,
     Success,
+    Task,
     TaskState,
     check_result_size,
 )
 from taskray.store.base import (
     DEFAULT_LEADER_NAME,
     LIVE,
+    _as_uuid,
     _task,
 )
 from taskray.store.leasing import LeasingMixin
@@ -220,6 +222,19 @@ class HotPathMixin(LeasingMixin, TransitionsMixin):
         return [granted[task_id] for task_id, _ in requests if task_id in granted]
 
     # -- the executor's transitions ---------------------------------------------------------
+
+    def start(
+        self, task_id: uuid.UUID | str, lease_id: uuid.UUID, *, worker_id: str | None = None
+    ) -> Task:
+        """The executor has begun running the task (fenced by its lease): ``start_many`` of
+        one, ``LeaseLostError`` when it is refused. Idempotent for the lease holder."""
+        task_uuid = _as_uuid(task_id)
+        started = self.start_many([(task_uuid, lease_id)], worker_id=worker_id)
+        if not started.tasks:
+            raise LeaseLostError(
+                f"lease {lease_id} on task {task_uuid} is gone", task_id=str(task_uuid)
+            )
+        return started.tasks[0]
 
     def start_many(
         self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], *, worker_id: str | None = None

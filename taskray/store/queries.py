@@ -14,7 +14,15 @@ from sqlalchemy.dialects import postgresql
 
 from taskray.errors import InvalidArgumentError, UnknownTaskError
 from taskray.models import Attempt, Task, TaskState
-from taskray.store.base import LIVE, StoreBase, _aggregate_datetime, _as_uuid, _attempt, _task
+from taskray.store.base import (
+    LIVE,
+    StoreBase,
+    _aggregate_datetime,
+    _as_uuid,
+    _attempt,
+    _matching,
+    _task,
+)
 from taskray.store.tables import task_attempts, task_edges, tasks
 
 
@@ -156,13 +164,7 @@ class QueriesMixin(StoreBase):
         the id breaks ties).
         """
         query = sa.select(tasks).order_by(tasks.c.created_at, tasks.c.id).limit(limit)
-        for column, value in (
-            (tasks.c.tenant, tenant),
-            (tasks.c.queue, queue),
-            (tasks.c.type, task_type),
-        ):
-            if value is not None:
-                query = query.where(column == value)
+        query = _matching(query, tenant, queue, task_type)
         if status is not None:
             query = query.where(tasks.c.status == status.value)
         for key, value in (labels or {}).items():

@@ -1,7 +1,8 @@
-"""A task's life after its lease: start, heartbeat, complete, fail (retry or dead-letter),
-cancel, the reaping of expired leases, and what each does downstream.
+"""A task's life after its lease: heartbeat, complete, fail (retry or dead-letter),
+cancel, the reaping of expired leases, and what each does downstream (start, one task or
+many, is in ``hot_path``).
 
-The executor's writes (start, heartbeat, complete, fail) go through ``_fenced``: they hold
+The executor's writes (heartbeat, complete, fail) go through ``_fenced``: they hold
 a lease and commit only while it is the task's live one. Cancel and the reaper hold no
 lease; they move a row they read out of exactly the state it was in (``_transition``).
 """
@@ -25,41 +26,10 @@ from taskray.store.base import (
     _json_size,
     _task,
 )
-from taskray.store.tables import task_attempts, task_edges, tasks
+from taskray.store.tables import task_edges, tasks
 
 
 class TransitionsMixin(StoreBase):
-    def start(
-        self, task_id: uuid.UUID | str, lease_id: uuid.UUID, *, worker_id: str | None = None
-    ) -> Task:
-        """The executor has begun running the task (fenced by its lease). Idempotent for
-        the lease holder: a task already running under ``lease_id`` is returned as it is."""
-        task_uuid = _as_uuid(task_id)
-        with self.transaction() as (connection, now):
-            try:
-                row = self._fenced(
-                    connection,
-                    now,
-                    task_uuid,
-                    lease_id,
-                    {"status": TaskState.RUNNING.value, "started_at": now},
-                    states=(TaskState.LEASED.value,),
-                )
-            except LeaseLostError:
-                running = self._already(connection, [(task_uuid, lease_id)], TaskState.RUNNING, now)
-                if not running:
-                    raise
-                return _task(running[task_uuid])
-            connection.execute(
-                sa.update(task_attempts)
-                .where(
-                    task_attempts.c.task_id == task_uuid,
-                    task_attempts.c.attempt == row["attempt"],
-                )
-                .values(started_at=now, worker_id=worker_id)
-            )
-            return _task(row)
-
     def heartbeat(
         self, task_id: uuid.UUID | str, lease_id: uuid.UUID, *, ttl_s: float | None = None
     ) -> datetime:

@@ -18,11 +18,13 @@ import pytest
 import ray
 import sqlalchemy as sa
 
+from taskray.errors import StoreUnavailableError
 from taskray.models import AttemptOutcome, Task, TaskState
 from taskray.node import with_retries
 from taskray.scheduler.actor import start_scheduler, stop_scheduler
 from taskray.scheduler.core import SchedulerConfig
 from taskray.store import Store
+from taskray.store import engine as engines
 from taskray.testing import make_spec
 from tests.faults.conftest import PrivatePostgres
 from tests.faults.handlers import SINK_DDL
@@ -44,7 +46,6 @@ CONFIG = SchedulerConfig(idle_wait_s=IDLE_WAIT_S, reap_interval_s=1.0)
 
 @pytest.fixture
 def store(fault_url: str, fault_ray: None) -> Iterator[Store]:
-    # pool_pre_ping (the default) replaces the test's own connections that a restart cut.
     opened = Store.open(fault_url, migrate=False)
     yield opened
     opened.close()
@@ -266,3 +267,25 @@ def test_a_commit_in_flight_across_a_restart_lands_once(
     with store.engine.connect() as connection:
         rows = connection.execute(sa.text("SELECT tag FROM sink")).scalars().all()
     assert rows == ["sunk"]
+
+
+def test_a_connection_left_idle_across_a_restart_is_replaced_before_use(
+    fault_url: str, pg: PrivatePostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pooled connections are checked only after sitting idle (not on every checkout):
+    one idle across a restart is replaced before use; one in steady use fails once, and
+    its caller retries."""
+    checked = Store.open(fault_url, migrate=False)
+    unchecked = Store.open(fault_url, migrate=False)
+    try:
+        checked.now(), unchecked.now()  # one pooled connection each
+        pg.restart()
+        monkeypatch.setattr(engines, "IDLE_PING_S", 0.0)  # idle long enough: checked
+        checked.now()
+        monkeypatch.setattr(engines, "IDLE_PING_S", 3600.0)  # in steady use: not checked
+        with pytest.raises(StoreUnavailableError):
+            unchecked.now()
+        unchecked.now()  # the cut connection went with the failure
+    finally:
+        checked.close()
+        unchecked.close()
