@@ -37,9 +37,11 @@ Measurements, per system (rates: tasks per wall-clock second):
 5. short tasks: ``--short-tasks`` tasks sleeping 10 ms, submitted in bulk; CPU use =
    tasks x 10 ms / (num_cpus x wall seconds).
 
-Each measurement is preceded by a warm-up that is not timed, as a long-running cluster
-would have had: ``--warmup`` tasks (default 50) through the same path (submitted the same
-way and waited for; for pickup, 20 paced tasks). ``--profile DIR`` records the taskray
+By default nothing is warmed up: each system is measured as a user who has just started
+it gets it (taskray's scheduler warms its nodes' worker processes itself when it starts).
+``--warmup N`` (opt-in, said in the output) runs N untimed tasks through the same path
+before each measurement (submitted the same way and waited for; for pickup, at most 20
+paced tasks), as a long-running cluster would have had. ``--profile DIR`` records the taskray
 scheduler actor and one executor worker with py-spy (speedscope files, and a text summary)
 during the taskray/postgresql drain.
 """
@@ -95,6 +97,7 @@ LABELS = {
     "celery": "Celery+Redis",
 }
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
+#: The most paced tasks of the pickup warm-up (``--warmup``).
 PICKUP_WARMUP = 20
 SHORT_MS = 10.0
 
@@ -242,8 +245,11 @@ def paced(system: Any, n: int, interval_s: float, timeout: float) -> dict[str, A
     }
 
 
-def measure_pickup(system: Any, n: int, interval_s: float, timeout: float) -> dict[str, Any]:
-    paced(system, PICKUP_WARMUP, interval_s, timeout)
+def measure_pickup(
+    system: Any, n: int, interval_s: float, timeout: float, warmup: int
+) -> dict[str, Any]:
+    if warmup:
+        paced(system, min(PICKUP_WARMUP, warmup), interval_s, timeout)
     return paced(system, n, interval_s, timeout)
 
 
@@ -269,14 +275,16 @@ def measure_all(
     log(f"{label}: bulk submit and drain ({args.tasks})")
     out.update(measure_bulk(system, args.tasks, args.warmup, args.timeout, around_drain))
     log(f"{label}: pickup, one every 10 ms ({args.pickup_tasks})")
-    out["pickup_10ms"] = measure_pickup(system, args.pickup_tasks, 0.010, args.timeout)
+    out["pickup_10ms"] = measure_pickup(system, args.pickup_tasks, 0.010, args.timeout, args.warmup)
     if args.slow_pickup == "always" or (
         args.slow_pickup == "auto" and not out["pickup_10ms"]["kept_up"]
     ):
         if not out["pickup_10ms"]["kept_up"]:
             log(f"{label} fell behind at 10 ms ({out['pickup_10ms']['why_behind']})")
         log(f"{label}: pickup, one every 100 ms ({args.slow_pickup_tasks})")
-        out["pickup_100ms"] = measure_pickup(system, args.slow_pickup_tasks, 0.100, args.timeout)
+        out["pickup_100ms"] = measure_pickup(
+            system, args.slow_pickup_tasks, 0.100, args.timeout, args.warmup
+        )
     log(f"{label}: short tasks ({args.short_tasks} x {SHORT_MS:g} ms)")
     out["short"] = measure_short(system, args.short_tasks, args.warmup, args.num_cpus, args.timeout)
     return out
@@ -677,7 +685,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pickup at 100 ms: for whoever fell behind at 10 ms (auto), all, or none",
     )
     parser.add_argument("--short-tasks", type=int, default=400, help="10 ms sleeps")
-    parser.add_argument("--warmup", type=int, default=50, help="untimed tasks before each")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed tasks before each")
     parser.add_argument("--timeout", type=float, default=900.0, help="limit per wait, s")
     parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL, help="PostgreSQL admin URL")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Celery's Redis db")
@@ -721,7 +729,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         log(
             f"warm-up before every measurement (untimed): {args.warmup} tasks through the same "
-            f"path, waited for (pickup: {PICKUP_WARMUP} paced tasks); bulk submit and drain "
+            f"path, waited for (pickup: {min(PICKUP_WARMUP, args.warmup)} paced tasks); bulk "
+            "submit and drain "
             "are one run; taskray progress bars off"
         )
         ray_system = RaySystem()
@@ -734,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if behind:
                 log(f"raw Ray: pickup, one every 100 ms ({args.slow_pickup_tasks}), for the ratio")
                 results["ray"]["pickup_100ms"] = measure_pickup(
-                    ray_system, args.slow_pickup_tasks, 0.100, args.timeout
+                    ray_system, args.slow_pickup_tasks, 0.100, args.timeout, args.warmup
                 )
     finally:
         taskray.shutdown()

@@ -742,21 +742,9 @@ class StoreMachine(RuleBasedStateMachine):
         """The stale calls that matter most, sought out: a lease that ran out while its task
         still looks live (not reaped yet), and an old lease of a task leased again since."""
         self.changing()
-        now = self.clock.now()
-        stale = [
-            (m.id, m.lease_id)
-            for m in self.model.values()
-            if m.status in LIVE and m.lease_expires_at is not None and m.lease_expires_at <= now
-        ]
-        stale += [
-            (m.id, a.lease_id)
-            for m in self.model.values()
-            if m.status in LIVE
-            for a in m.attempts[:-1]
-        ]
+        stale = self.stale_pairs()
         if stale:
             task_id, lease_id = stale[-1 - pick % len(stale)]
-            assert lease_id is not None
             self.call_with(task_id, lease_id, op)
 
     def stale_pairs(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
