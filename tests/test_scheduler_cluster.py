@@ -257,9 +257,10 @@ def test_a_removed_node_s_task_runs_again_elsewhere_and_commits_once(
     config = SchedulerConfig(lease_ttl_s=4, heartbeat_interval_s=1, reap_interval_s=0.5)
     try:
         with running_scheduler(store, url, config):
-            running = wait_for(
-                lambda: (t := store.get(task.id)).status is TaskState.RUNNING and t, timeout_s=60
-            )
+            # The handler itself has begun (RUNNING is committed just before it starts).
+            wait_for(lambda: calls.exists() and calls.read_text().strip(), timeout_s=60)
+            running = store.get(task.id)
+            assert running.status is TaskState.RUNNING
             victim = next(n for n in fragile if n.node_id == running.node_id)
             cluster.remove_node(victim, allow_graceful=False)
             wait_for(lambda: store.get(task.id).status.is_terminal, timeout_s=90)

@@ -74,30 +74,50 @@ def agent_for(node_id: str, database_url: str) -> Any:
     return agent
 
 
+@dataclass
+class Warming:
+    """A node's warm-up in flight."""
+
+    node_id: str
+    #: Everything it started (the agent's store opening included).
+    refs: list[Any]
+    #: The warm-up tasks that hold a GPU each until the node's GPU workers are all up.
+    gpu_refs: list[Any]
+
+
 def warm_node(
     node: NodeView, database_url: str, *, cpu_workers: int, gpu_workers: int, timeout_s: float
-) -> list[Any]:
+) -> Warming:
     """Start the node's agent with its store open, and ``cpu_workers`` + ``gpu_workers``
     worker processes with the executor imported, for lanes to reuse: a worker process
     takes seconds to start, and Ray never reuses a GPU task's process for CPU work or the
-    other way round, so both kinds are started. Returns refs that resolve when done.
+    other way round, so both kinds are started.
 
-    CPU warm-up tasks reserve nothing; GPU ones hold a GPU each (Ray starts a GPU-kind
-    process only for a task that asks for a GPU) until all have started."""
+    Each kind waits at a barrier of its own (so Ray must start that many processes). CPU
+    warm-up tasks reserve nothing; GPU ones hold a GPU each (Ray starts a GPU-kind process
+    only for a task that asks for one) until the node's GPU workers are all up."""
     agent = agent_for(node.node_id, database_url)
-    refs = [agent.open.remote()]
-    size = cpu_workers + gpu_workers
-    group = uuid.uuid4().hex
     strategy = NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False)
-    for k in range(size):
-        refs.append(
+
+    def start(count: int, gpus: int) -> list[Any]:
+        group = uuid.uuid4().hex
+        return [
             _warm.options(
-                scheduling_strategy=strategy,
-                num_gpus=1 if k < gpu_workers else 0,
-                name="taskray:warm-up",
-            ).remote(agent, group, size, timeout_s)
-        )
-    return refs
+                scheduling_strategy=strategy, num_gpus=gpus, name="taskray:warm-up"
+            ).remote(agent, group, count, timeout_s)
+            for _ in range(count)
+        ]
+
+    gpu_refs = start(gpu_workers, 1)
+    return Warming(node.node_id, [agent.open.remote(), *gpu_refs, *start(cpu_workers, 0)], gpu_refs)
+
+
+def unfinished(refs: Sequence[Any]) -> list[Any]:
+    """Those of ``refs`` whose Ray task has not ended yet."""
+    if not refs:
+        return []
+    _, rest = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+    return list(rest)
 
 
 def settled(refs: Sequence[Any], timeout_s: float) -> bool:

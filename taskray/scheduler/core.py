@@ -208,9 +208,8 @@ class Scheduler:
         #: (monotonic time, node, resources) of lanes that just ended: Ray's view of the
         #: node shows them free only a little later.
         self._released: deque[tuple[float, str, dict[str, float]]] = deque()
-        #: Nodes warmed up by this scheduler, and the refs of warm-up still in flight.
-        self._warmed: set[str] = set()
-        self._warming: list[Any] = []
+        #: The warm-up of each node this scheduler has warmed.
+        self._warming: dict[str, cluster.Warming] = {}
         self._first_pass = threading.Event()
         #: Attempts of lanes that ended in Ray whose failure the store has not recorded yet
         #: (it could not be reached): recorded on a later pass.
@@ -311,7 +310,7 @@ class Scheduler:
 
     def _schedule(self, report: TickReport) -> None:
         used, ahead = self._ledger()
-        nodes = cluster.read_nodes(used, self._releases(), self._recently_released())
+        nodes = cluster.read_nodes(used, self._releases(), self._ray_view_behind())
         self._warm_up(nodes)
         slots = sum(_slots(node) for node in nodes)
         ahead_open = {
@@ -367,13 +366,12 @@ class Scheduler:
         if self.config.warm_workers_per_node <= 0:
             return
         for node in nodes:
-            if node.node_id in self._warmed:
+            if node.node_id in self._warming:
                 continue
-            self._warmed.add(node.node_id)
             cpus = int(node.total.get("CPU", 0.0))
             gpu_workers = min(int(node.total.get("GPU", 0.0)), cpus)
             cpu_workers = min(self.config.warm_workers_per_node, cpus - gpu_workers)
-            self._warming += cluster.warm_node(
+            self._warming[node.node_id] = cluster.warm_node(
                 node,
                 self.database_url,
                 cpu_workers=cpu_workers,
@@ -387,11 +385,8 @@ class Scheduler:
         deadline = time.monotonic() + timeout_s
         if not self._first_pass.wait(timeout_s) or self.epoch is None:
             return False
-        warming = list(self._warming)
-        done = cluster.settled(warming, max(0.0, deadline - time.monotonic()))
-        if done:
-            self._warming = [ref for ref in self._warming if ref not in warming]
-        return done
+        refs = [ref for warming in list(self._warming.values()) for ref in warming.refs]
+        return cluster.settled(refs, max(0.0, deadline - time.monotonic()))
 
     def _fill(self, first: ReadyTask, spare: list[ReadyTask]) -> list[ReadyTask]:
         """``first`` and, after it, spare tasks of its shape expected to end within the
@@ -526,6 +521,19 @@ class Scheduler:
             self.durations[task_type] = (
                 seconds if mean is None else mean + _DURATION_WEIGHT * (seconds - mean)
             )
+
+    def _ray_view_behind(self) -> dict[str, dict[str, float]]:
+        """Per node, what Ray shows in use that is free for taskray's placement: what lanes
+        just gave back (Ray's view lags), and the GPUs warm-up tasks hold for the seconds
+        it takes to start the node's GPU workers (a GPU task placed there starts as soon
+        as they are up, in one of them; counting them taken would send CPU work to the
+        GPU node instead)."""
+        behind = self._recently_released()
+        for warming in self._warming.values():
+            warming.gpu_refs = cluster.unfinished(warming.gpu_refs)
+            if warming.gpu_refs:
+                behind[warming.node_id]["GPU"] += len(warming.gpu_refs)
+        return behind
 
     def _recently_released(self) -> dict[str, dict[str, float]]:
         horizon = time.monotonic() - RAY_VIEW_LAG_S
